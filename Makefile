@@ -1,0 +1,30 @@
+# Every target builds .venv first; torch stays pinned to the CPU wheel via constraints.txt.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --constraint constraints.txt
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test docs bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[dev]'
+	touch $@
+
+demo: venv
+	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 examples/digits/train.py --max-epochs 10 --checkpoint-dir runs/demo/checkpoints --output-dir runs/demo/output --model-dir runs/demo/model
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+docs: venv
+	$(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
+
+bench: venv
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) runs docs/_build

@@ -1,0 +1,230 @@
+"""The standard command-line flags: one parser, parsed once; `train_kwargs` maps flags to engine keywords."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+from . import sagemaker
+from .errors import ConfigError
+
+TRUE = {"true", "1", "yes", "y", "on"}
+FALSE = {"false", "0", "no", "n", "off"}
+SECRET_WORDS = ("password", "secret", "token", "key", "credential")
+REDACTED = "***"
+
+
+def parse_bool(value: str | bool) -> bool:
+    """Parse an explicit boolean (`true/false/True/False/1/0/yes/no`), as SageMaker passes them."""
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    if v in TRUE:
+        return True
+    if v in FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def positive_int(value: str) -> int:
+    n = int(value)
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}")
+    return n
+
+
+def non_negative_int(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or a positive integer, got {value!r}")
+    return n
+
+
+def positive_float(value: str) -> float:
+    x = float(value)
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value!r}")
+    return x
+
+
+@dataclass(frozen=True)
+class Every:
+    """A schedule: every `n` epochs or every `n` training iterations (`n == 0` means never)."""
+
+    n: int
+    unit: Literal["epochs", "steps"] = "epochs"
+
+    def due(self, step: int, epoch: int, epoch_ended: bool) -> bool:
+        """Pure predicate: is the scheduled thing due after this step (or this epoch's end)?"""
+        if self.n <= 0:
+            return False
+        if self.unit == "steps":
+            return step % self.n == 0
+        return epoch_ended and epoch % self.n == 0
+
+    def __str__(self) -> str:
+        return f"{self.n}{self.unit}"
+
+
+_EVERY = re.compile(r"^\s*(\d+)\s*(e|ep|epoch|epochs|s|step|steps|it|iter|iters|iteration|iterations)?\s*$")
+
+
+def parse_every(value: str | int | Every) -> Every:
+    """Parse `2`, `2epochs` (epochs) or `500steps` / `500it` (training iterations); `0` is never."""
+    if isinstance(value, Every):
+        return value
+    m = _EVERY.match(str(value).lower())
+    if not m:
+        raise argparse.ArgumentTypeError(
+            f"expected a count of epochs or steps such as 1, 2epochs or 500steps, got {value!r}"
+        )
+    unit = m.group(2) or "epochs"
+    return Every(int(m.group(1)), "epochs" if unit.startswith("e") else "steps")
+
+
+def parse_tags(value: str) -> dict[str, str]:
+    """Parse `k=v,k2=v2`."""
+    tags: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        if "=" not in part:
+            raise argparse.ArgumentTypeError(f"expected key=value pairs separated by commas, got {part!r}")
+        k, v = part.split("=", 1)
+        tags[k.strip()] = v.strip()
+    return tags
+
+
+def is_secret(name: str) -> bool:
+    """Whether a parameter's name looks like it holds a secret (password, token, key, ...)."""
+    n = name.lower()
+    return any(w in n for w in SECRET_WORDS)
+
+
+def redact(params: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `params` with secret-looking values replaced, ready to be written anywhere."""
+    return {k: (REDACTED if is_secret(k) and v not in (None, "") else v) for k, v in params.items()}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ConfigError instead of exiting, so errors follow one path."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ConfigError(f"{message}. Run with --help for the list of flags.")
+
+
+def build_parser(
+    inputs: dict[str, str] | None = None,
+    argparse_callback: Callable[[argparse.ArgumentParser], Any] | None = None,
+    description: str | None = None,
+) -> argparse.ArgumentParser:
+    """The full parser: standard groups, one `--<input>` per declared input, then the script's flags."""
+    p = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    t = p.add_argument_group("training")
+    t.add_argument("--batch-size", type=positive_int, default=64, help="Training batch size per process.")
+    t.add_argument("--eval-batch-size", type=positive_int, default=None,
+                   help="Evaluation batch size per process (default: --batch-size).")
+    t.add_argument("--max-epochs", type=positive_int, default=10, help="Epochs to train; raise it on resume to extend a run.")
+    t.add_argument("--epoch-length", type=positive_int, default=None,
+                   help="Iterations per epoch (default: one pass over the training loader).")
+    t.add_argument("--learning-rate", type=positive_float, default=3e-4, help="Learning rate for the optimizer.")
+    t.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader worker processes per rank.")
+    t.add_argument("--seed", type=int, default=1, help="Seed for model init, shuffling and every rank's RNGs.")
+    t.add_argument("--eval-every", type=parse_every, default=Every(1),
+                   help="Evaluate every N epochs (2, 2epochs) or N iterations (500steps); 0 never.")
+
+    d = p.add_argument_group("distributed")
+    d.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N; each rank binds cuda:<local_rank>.")
+    d.add_argument("--dist-timeout", type=positive_float, default=1800.0,
+                   help="Seconds a collective may wait before the process group fails.")
+    d.add_argument("--find-unused-parameters", type=parse_bool, default=False,
+                   help="Let DDP handle parameters that get no gradient in a step (slower).")
+    d.add_argument("--sync-batchnorm", type=parse_bool, default=False,
+                   help="Convert BatchNorm layers to SyncBatchNorm when distributed.")
+
+    c = p.add_argument_group("checkpoints")
+    c.add_argument("--checkpoint-dir", default=None,
+                   help="Folder or fsspec URL (s3://bucket/prefix) for checkpoints (default: <output-dir>/checkpoints).")
+    c.add_argument("--resume", type=parse_bool, default=True,
+                   help="Resume from the latest committed checkpoint in --checkpoint-dir.")
+    c.add_argument("--save-every", type=parse_every, default=Every(1),
+                   help="Save every N epochs (1, 1epochs) or N iterations (500steps); 0 saves only at the end.")
+    c.add_argument("--n-saved", type=positive_int, default=2, help="Committed checkpoints to keep.")
+    c.add_argument("--keep-best", default=None,
+                   help="Also keep the best checkpoint by a logged metric, as NAME:max or NAME:min (eval/accuracy:max).")
+    c.add_argument("--save-every-minutes", type=positive_float, default=None,
+                   help="Also save when this many minutes passed since the last save.")
+    c.add_argument("--async-checkpoint", type=parse_bool, default=False,
+                   help="Write checkpoints in the background; the loop waits only for the copy off the device.")
+    c.add_argument("--on-checkpoint-error", choices=["stop", "warn"], default="stop",
+                   help="stop: end the run when a save fails; warn: keep training and retry at the next save.")
+
+    o = p.add_argument_group("output")
+    o.add_argument("--output-dir", default=sagemaker.output_dir() or "output",
+                   help="Folder for metrics history and other outputs (SM_OUTPUT_DATA_DIR inside SageMaker).")
+    o.add_argument("--model-dir", default=sagemaker.model_dir() or None,
+                   help="Folder for the final model.pt and args.json (default: <output-dir>/model; SM_MODEL_DIR inside SageMaker).")
+    o.add_argument("--log-every", type=positive_int, default=50,
+                   help="Compute and log training metrics every N iterations.")
+
+    if inputs:
+        i = p.add_argument_group("inputs")
+        for name, default in inputs.items():
+            flag = "--" + name.replace("_", "-")
+            i.add_argument(flag, dest=name.replace("-", "_"), default=sagemaker.channel_dir(name) or default,
+                           help=f"Input '{name}' (SM_CHANNEL_{name.upper()} inside SageMaker).")
+
+    if argparse_callback is not None:
+        argparse_callback(p)
+    return p
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse once; drop SageMaker's own `--sagemaker_*` hyperparameters."""
+    args, unknown = parser.parse_known_args(argv)
+    leftovers = [u for u in _strip_sagemaker_keys(unknown)]
+    if leftovers:
+        parser.error(f"unrecognized arguments: {' '.join(leftovers)}")
+    return args
+
+
+def _strip_sagemaker_keys(unknown: list[str]) -> list[str]:
+    out: list[str] = []
+    skip_value = False
+    for tok in unknown:
+        if skip_value:
+            skip_value = False
+            if not tok.startswith("--"):
+                continue
+        if tok.startswith("--sagemaker_") or tok.startswith("--sagemaker-"):
+            skip_value = "=" not in tok
+            continue
+        out.append(tok)
+    return out
+
+
+def parser_for_docs() -> argparse.ArgumentParser:
+    """The full standard parser, with one example input, for the flag reference in the docs."""
+    return build_parser(inputs={"data": "data"}, description="Flags every igniter-dist script accepts.")
+
+
+def train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine's keyword arguments out of parsed flags, for `ig.train(**train_kwargs(args))`."""
+    return {
+        "max_epochs": args.max_epochs,
+        "epoch_length": args.epoch_length,
+        "seed": args.seed,
+        "eval_every": args.eval_every,
+        "log_every": args.log_every,
+        "checkpoint_dir": args.checkpoint_dir,
+        "resume": args.resume,
+        "save_every": args.save_every,
+        "n_saved": args.n_saved,
+        "keep_best": args.keep_best,
+        "save_every_minutes": args.save_every_minutes,
+        "async_checkpoint": args.async_checkpoint,
+        "on_checkpoint_error": args.on_checkpoint_error,
+        "output_dir": args.output_dir,
+        "model_dir": args.model_dir,
+    }

@@ -1,0 +1,200 @@
+"""Who this process is: rank facts read from the launcher's environment, the process group, the device.
+
+`runtime.py` is the only module that reads rank variables or starts the process group; everything
+else receives the frozen `Runtime` it returns.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import ConfigError
+
+EnvironmentKind = Literal["single", "torchrun", "sagemaker"]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The frozen facts of this process; built once by `init_runtime`."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    node_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: str | None = None
+    kind: EnvironmentKind = "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def num_nodes(self) -> int:
+        return max(1, self.world_size // max(1, self.local_world_size))
+
+    # Collectives. Each is called by every rank in the same order; each is a no-op on one process.
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """Collective: every rank returns rank `src`'s `obj`."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Collective: every rank returns the list of all ranks' `obj`, by rank."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def any(self, flag: bool) -> bool:
+        """Collective: True on every rank when `flag` is True on at least one."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.collective_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def barrier(self) -> None:
+        """Collective: wait for every rank."""
+        if self.distributed:
+            dist.barrier()
+
+    @property
+    def collective_device(self) -> torch.device:
+        """Where tensors for the default group's collectives must live (nccl needs CUDA)."""
+        return self.device if self.backend == "nccl" else torch.device("cpu")
+
+
+_current: Runtime | None = None
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return default if value in (None, "") else int(value)
+
+
+def _detect_kind() -> EnvironmentKind:
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        return "single"
+    if os.environ.get("SM_CURRENT_HOST") or os.environ.get("TRAINING_JOB_NAME"):
+        return "sagemaker"
+    return "torchrun"
+
+
+def resolve_device(requested: str, local_rank: int) -> torch.device:
+    """Turn `--device` (auto, cpu, cuda, cuda:N, mps) into this rank's device."""
+    requested = requested.strip().lower()
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cpu":
+        return torch.device("cpu")
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"--device {requested} was requested but CUDA is not available on this machine; "
+                "use --device cpu or --device auto."
+            )
+        if requested == "cuda":
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        try:
+            return torch.device(requested)
+        except RuntimeError:
+            pass
+    if requested == "mps" and torch.backends.mps.is_available():
+        return torch.device("mps")
+    raise ConfigError(
+        f"--device {requested!r} is not a device this machine has; use auto, cpu, cuda or cuda:N."
+    )
+
+
+def init_runtime(device: str = "auto", timeout_s: float = 1800.0) -> Runtime:
+    """Read the launcher's variables, bind the device and start the process group if needed."""
+    global _current
+    if _current is not None:
+        return _current
+    kind = _detect_kind()
+    rank = _env_int("RANK", 0)
+    world_size = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size)
+    node_rank = _env_int("GROUP_RANK", rank // max(1, local_world_size))
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    backend = None
+    if world_size > 1:
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(
+                backend=backend,
+                timeout=datetime.timedelta(seconds=timeout_s),
+                device_id=dev if dev.type == "cuda" else None,
+            )
+    _current = Runtime(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        local_world_size=local_world_size,
+        node_rank=node_rank,
+        device=dev,
+        backend=backend,
+        kind=kind,
+    )
+    return _current
+
+
+def shutdown_runtime() -> None:
+    """Destroy the process group (if this module started one) and forget the runtime."""
+    global _current
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _current = None
+
+
+def runtime() -> Runtime:
+    """The facts of this process; starts a runtime with defaults when `igniter_main` has not."""
+    return _current if _current is not None else init_runtime()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside a DDP (or torch.compile) wrapper."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def prepare(
+    model: nn.Module, find_unused_parameters: bool = False, sync_batchnorm: bool = False
+) -> nn.Module:
+    """Move `model` to this rank's device and wrap it in DistributedDataParallel when world_size > 1."""
+    rt = runtime()
+    if sync_batchnorm and rt.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(rt.device)
+    if not rt.distributed:
+        return model
+    device_ids = [rt.device.index] if rt.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=device_ids, find_unused_parameters=find_unused_parameters
+    )
