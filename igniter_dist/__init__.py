@@ -1,0 +1,23 @@
+"""igniter-dist: a distributed-first PyTorch training engine.
+
+One script runs as `python train.py`, under `torchrun` and in SageMaker multi-instance jobs:
+DDP, sharded data, exact metrics across ranks, sharded checkpoints on any fsspec URL, resume.
+"""
+
+from .args import Every, parser_for_docs, train_kwargs
+from .engine import Engine
+from .errors import CheckpointError, ConfigError, IgniterError, StepOutputError
+from .main import igniter_main
+from .metrics import Metric
+from .runtime import Runtime, prepare, runtime
+from .signals import Interrupted
+from .spec import RunSpec
+from .training import evaluate, train
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError", "ConfigError", "Engine", "Every", "IgniterError", "Interrupted", "Metric", "RunSpec",
+    "Runtime", "StepOutputError", "evaluate", "igniter_main", "parser_for_docs", "prepare", "runtime",
+    "train", "train_kwargs",
+]

@@ -1,0 +1,320 @@
+"""The loop: run the user's step functions over sharded data, with metrics, evaluation and checkpoints.
+
+The engine calls its collaborators directly (metrics, checkpoints, sinks, the stop flag); there is
+no event bus. `Engine.run` is the whole training loop and reads top to bottom.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from typing import Any
+
+import torch
+from torch import nn
+
+from .args import Every
+from .data import ShardedSampler, seed_workers, train_sampler
+from .errors import ConfigError, StepOutputError
+from .metrics import MetricSet
+from .runtime import Runtime
+from .signals import Interrupted, StopFlag
+from .spec import RunSpec
+from .tracking.base import NullSink, Progress, Sink
+
+
+@dataclass
+class EngineState:
+    """The counters that locate the loop; saved in every checkpoint."""
+
+    step: int = 0  # training iterations done, over all epochs
+    epoch: int = 0  # epochs completed
+    iteration: int = 0  # iterations done in the current epoch
+
+
+@dataclass(frozen=True)
+class Schedule:
+    max_epochs: int = 1
+    log_every: int = 50
+    eval_every: Every = field(default_factory=lambda: Every(1))
+    save_every: Every = field(default_factory=lambda: Every(1))
+    save_every_minutes: float | None = None
+
+
+@dataclass
+class Loop:
+    """A RunSpec made ready to run: its sharded loader, metric set and epoch length."""
+
+    name: str
+    spec: RunSpec
+    loader: Any
+    metrics: MetricSet
+    epoch_length: int | None
+
+
+class Engine:
+    """Runs training and evaluation loops; handed to every step function as its first argument."""
+
+    def __init__(self, *, runtime: Runtime, train: Loop, evaluators: dict[str, Loop], schedule: Schedule,
+                 to_save: Mapping[str, Any], sinks: Sink | None = None, checkpoints: Any = None,
+                 stop: StopFlag | None = None, seed: int = 1):
+        self.runtime = runtime
+        self.train_loop = train
+        self.evaluators = evaluators
+        self.schedule = schedule
+        self.to_save = dict(to_save)
+        self.sinks: Sink = sinks or NullSink()
+        self.checkpoints = checkpoints  # CheckpointSession | None
+        self.stop = stop or StopFlag(runtime.distributed)
+        self.seed = seed
+        self.state = EngineState()
+        self.metrics: dict[str, float] = {}  # the latest value of every logged metric
+        self._last_save = time.monotonic()
+        self._step_times = _Throughput()
+        self._logged_step = -1
+        self._resume_position: int | None = None
+
+    # ---------------------------------------------------------------- the loop
+
+    def run(self) -> dict[str, float]:
+        """Train to `max_epochs` (evaluating, logging and saving on schedule); returns the final metrics."""
+        self._step_times.start(self.state.step)
+        while self.state.epoch < self.schedule.max_epochs:
+            for batch in self._train_batches():
+                output = self._call(self.train_loop, batch)
+                self.train_loop.metrics.update(output, batch_size(batch))
+                self.state.step += 1
+                self.state.iteration += 1
+                self.sinks.progress(self._progress())
+                signum, save_due = self.stop.poll(self._time_to_save())  # collective, overlapped
+                if signum:
+                    self._save()
+                    raise Interrupted(signum)
+                self._after_step(save_due)
+            self.state.epoch += 1
+            self.state.iteration = 0
+            self._after_epoch()
+        self.stop.drain()
+        return dict(self.metrics)
+
+    def _after_step(self, save_due: bool) -> None:
+        s, sched = self.state, self.schedule
+        if s.step % sched.log_every == 0:
+            self._log_train()
+        if sched.eval_every.due(s.step, s.epoch, epoch_ended=False):
+            self.evaluate()
+        if save_due or sched.save_every.due(s.step, s.epoch, epoch_ended=False):
+            self._save()
+
+    def _after_epoch(self) -> None:
+        s, sched = self.state, self.schedule
+        self._log_train(epoch_end=True)
+        last = s.epoch == sched.max_epochs
+        if sched.eval_every.due(s.step, s.epoch, epoch_ended=True) or (last and self.evaluators):
+            self.evaluate()
+        if last or sched.save_every.due(s.step, s.epoch, epoch_ended=True):
+            self._save()
+
+    # ---------------------------------------------------------------- steps and batches
+
+    def _train_batches(self) -> Iterator[Any]:
+        loop, s, rt = self.train_loop, self.state, self.runtime
+        sampler = train_sampler(loop.loader)
+        skip = 0
+        remaining = None if loop.epoch_length is None else loop.epoch_length - s.iteration
+        if isinstance(sampler, ShardedSampler):  # start mid-epoch without reading skipped samples
+            position = self._position()
+            if self._resume_position is not None:  # saved by another world size: same global order
+                position, self._resume_position = self._resume_position, None
+                remaining = None if loop.spec.epoch_length is None else loop.spec.epoch_length - s.iteration
+            sampler.set_epoch(s.epoch, position)
+        else:
+            if sampler is not None:
+                sampler.set_epoch(s.epoch)
+            skip = s.iteration  # cannot seek: read and drop what was trained on
+        seed_workers(loop.loader, self.seed, s.epoch, rt.rank)
+        batches = islice(iter(loop.loader), skip, None if remaining is None else skip + remaining)
+        for batch in batches:
+            yield to_device(batch, rt.device)
+
+    def _call(self, loop: Loop, batch: Any) -> Mapping[str, Any]:
+        output = loop.spec.step(self, batch)
+        if not isinstance(output, Mapping):
+            raise StepOutputError(
+                f"The {loop.name} step returned a {type(output).__name__}; it must return a dict of "
+                "tensors or numbers, such as {'loss': loss}."
+            )
+        return output
+
+    # ---------------------------------------------------------------- evaluation
+
+    def evaluate(self) -> dict[str, float]:
+        """Collective: run every evaluator over its whole loader; log and return the metrics."""
+        results: dict[str, float] = {}
+        for name, loop in self.evaluators.items():
+            with self._eval_mode(), torch.no_grad():
+                for batch in loop.loader:
+                    batch = to_device(batch, self.runtime.device)
+                    loop.metrics.update(self._call(loop, batch), batch_size(batch), where=name)
+            results.update({f"{name}/{k}": v for k, v in loop.metrics.compute().items()})
+            loop.metrics.reset()
+        self._publish(results)
+        return results
+
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        modules = [m for m in self.to_save.values() if isinstance(m, nn.Module)]
+        was_training = [m.training for m in modules]
+        # DDP broadcasts buffers in the first forward after a training step; with uneven eval
+        # shards a rank with no batch would never join it, so evaluation skips that sync.
+        ddps = [m for m in modules if isinstance(m, nn.parallel.DistributedDataParallel)]
+        sync_flags = [m.require_forward_param_sync for m in ddps]
+        for m in modules:
+            m.eval()
+        for m in ddps:
+            m.require_forward_param_sync = False
+        try:
+            yield
+        finally:
+            for m, flag in zip(modules, was_training):
+                m.train(flag)
+            for m, flag in zip(ddps, sync_flags):
+                m.require_forward_param_sync = flag
+
+    # ---------------------------------------------------------------- metrics, checkpoints
+
+    def _log_train(self, epoch_end: bool = False) -> None:
+        """Collective: compute training metrics over the interval since the last log."""
+        if epoch_end and self._logged_step == self.state.step:
+            return  # the epoch's last interval was just logged
+        self._logged_step = self.state.step
+        values = {f"train/{k}": v for k, v in self.train_loop.metrics.compute().items()}
+        self.train_loop.metrics.reset()
+        values.update(self._step_times.rates(self.state.step, self.runtime.world_size, self._batch_size()))
+        values.update(self._learning_rates())
+        self._publish(values)
+
+    def _publish(self, values: dict[str, float]) -> None:
+        self.metrics.update(values)
+        self.sinks.log_metrics(values, self.state.step, self.state.epoch)
+
+    def _learning_rates(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, obj in self.to_save.items():
+            if isinstance(obj, torch.optim.Optimizer):
+                for i, group in enumerate(obj.param_groups):
+                    lr = group.get("lr")
+                    if isinstance(lr, torch.Tensor):
+                        lr = lr.item()  # a tensor LR (capturable optimizers): read only at log time
+                    if lr is not None:
+                        out[f"train/lr/{name}" + (f"/{i}" if len(obj.param_groups) > 1 else "")] = float(lr)
+        return out
+
+    def _batch_size(self) -> int | None:
+        return getattr(self.train_loop.loader, "batch_size", None)
+
+    def _time_to_save(self) -> bool:
+        minutes = self.schedule.save_every_minutes
+        # Rank 0's clock decides; the decision travels in the stop-flag all-reduce.
+        return (minutes is not None and self.runtime.is_main
+                and time.monotonic() - self._last_save >= minutes * 60)
+
+    def _save(self) -> None:
+        """Collective: every rank saves the same step (no-op without a checkpoint dir)."""
+        self._last_save = time.monotonic()
+        if self.checkpoints is not None:
+            self.checkpoints.save(self)
+
+    def _progress(self) -> Progress:
+        s = self.state
+        return Progress(step=s.step, epoch=s.epoch + 1, iteration=s.iteration,
+                        epoch_length=self.train_loop.epoch_length, max_epochs=self.schedule.max_epochs)
+
+    # ---------------------------------------------------------------- resumable state
+
+    def _position(self) -> int:
+        """Global samples consumed in the current epoch (all ranks together)."""
+        sampler = train_sampler(self.train_loop.loader)
+        if not isinstance(sampler, ShardedSampler):
+            return 0
+        bs = self.train_loop.loader.batch_size
+        return min(sampler.size, self.state.iteration * bs * self.runtime.world_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**asdict(self.state), "position": self._position(), "world_size": self.runtime.world_size,
+                "metrics": dict(self.metrics)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.state = EngineState(step=int(state["step"]), epoch=int(state["epoch"]), iteration=int(state["iteration"]))
+        self.metrics = {k: float(v) for k, v in dict(state.get("metrics", {})).items()}
+        if int(state.get("world_size", self.runtime.world_size)) != self.runtime.world_size:
+            self._resume_position = int(state.get("position", 0))
+
+
+class _Throughput:
+    """Iterations/s, samples/s and seconds/step over each logging interval (host clock only)."""
+
+    def __init__(self) -> None:
+        self._t = time.perf_counter()
+        self._step = 0
+
+    def start(self, step: int) -> None:
+        self._t, self._step = time.perf_counter(), step
+
+    def rates(self, step: int, world_size: int, batch_size: int | None) -> dict[str, float]:
+        now = time.perf_counter()
+        steps, elapsed = step - self._step, now - self._t
+        self._t, self._step = now, step
+        if steps <= 0 or elapsed <= 0:
+            return {}
+        out = {"train/iterations_per_s": steps / elapsed, "train/seconds_per_step": elapsed / steps}
+        if batch_size:
+            out["train/samples_per_s"] = steps * batch_size * world_size / elapsed
+        return out
+
+
+def batch_size(batch: Any) -> int:
+    """The number of samples in a batch: the first dimension of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    if isinstance(batch, Mapping):
+        for v in batch.values():
+            return batch_size(v)
+    if isinstance(batch, (list, tuple)) and batch:
+        return batch_size(batch[0])
+    return len(batch) if hasattr(batch, "__len__") else 1
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor of a (nested) batch to the device; pinned memory goes asynchronously."""
+    if isinstance(batch, torch.Tensor):
+        if batch.device == device:
+            return batch
+        return batch.to(device, non_blocking=batch.is_pinned())
+    if isinstance(batch, Mapping):
+        return type(batch)({k: to_device(v, device) for k, v in batch.items()}) if isinstance(batch, dict) else {
+            k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def check_epoch_length(loader: Any, epoch_length: int | None, what: str) -> int | None:
+    """The iterations of one epoch: `epoch_length` capped by the loader, or the loader's length."""
+    try:
+        n = len(loader)
+    except TypeError:
+        return epoch_length
+    if epoch_length is None:
+        return n
+    if epoch_length > n:
+        raise ConfigError(
+            f"epoch_length {epoch_length} is longer than the {what} loader ({n} batches per rank); "
+            f"use at most {n} or leave it unset."
+        )
+    return epoch_length

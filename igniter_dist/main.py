@@ -1,0 +1,54 @@
+"""`igniter_main`: parse flags once, start the runtime, run the user's `main(args)`, map errors to exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from .args import build_parser, parse_args
+from .errors import IgniterError
+from .rng import seed_everything
+from .runtime import init_runtime, runtime, shutdown_runtime
+from .signals import Interrupted
+
+
+def igniter_main(
+    main: Callable[[argparse.Namespace], Any],
+    inputs: dict[str, str] | None = None,
+    argparse_callback: Callable[[argparse.ArgumentParser], Any] | None = None,
+    description: str | None = None,
+    argv: list[str] | None = None,
+) -> None:
+    """Entry point of a training script: the same script runs under python, torchrun and SageMaker.
+
+    Exits 0 on success, 2 on bad input (one sentence on stderr), 128 + N after signal N
+    (the checkpoint of that step saved), 1 on any other error.
+    """
+    code = 0
+    rank_prefix = ""
+    try:
+        args = parse_args(build_parser(inputs, argparse_callback, description), argv)
+        rt = init_runtime(device=args.device, timeout_s=args.dist_timeout)
+        rank_prefix = f"[rank {rt.rank}] " if rt.distributed else ""
+        seed_everything(args.seed)  # identical model initialisation on every rank
+        main(args)
+    except Interrupted as e:
+        code = e.exit_code
+        print(f"{rank_prefix}igniter-dist: {e}; exiting with {code}", file=sys.stderr, flush=True)
+    except IgniterError as e:
+        code = e.exit_code
+        print(f"{rank_prefix}error: {e}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        code = 130
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    finally:
+        shutdown_runtime()
+    sys.exit(code)
+
+
+__all__ = ["igniter_main", "runtime"]

@@ -1,0 +1,242 @@
+"""`ig.train` and `ig.evaluate`: assemble runtime, sharded loaders, metrics, checkpoints and sinks, then run."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .args import Every, parse_every, redact
+from .data import shard_eval_loader, shard_train_loader
+from .engine import Engine, Loop, Schedule, check_epoch_length
+from .errors import ConfigError
+from .metrics import MetricSet
+from .resume import RunCheckpoints
+from .runtime import Runtime, runtime, unwrap
+from .signals import Interrupted, StopFlag
+from .spec import RunSpec
+from .tracking.base import RunInfo, Sink
+
+
+def train(
+    to_save: Mapping[str, Any],
+    train_spec: RunSpec,
+    eval_spec: RunSpec | Mapping[str, RunSpec] | None = None,
+    *,
+    max_epochs: int | None = None,
+    epoch_length: int | None = None,
+    seed: int = 1,
+    eval_every: Every | str | int = 1,
+    log_every: int = 50,
+    checkpoint_dir: str | None = None,
+    resume: bool = True,
+    save_every: Every | str | int = 1,
+    n_saved: int = 2,
+    keep_best: str | None = None,
+    save_every_minutes: float | None = None,
+    async_checkpoint: bool = False,
+    on_checkpoint_error: Literal["stop", "warn"] = "stop",
+    output_dir: str | None = "output",
+    model_dir: str | None = None,
+    parameters: Mapping[str, Any] | None = None,
+    mlflow: Any = None,
+    console: bool = True,
+) -> dict[str, float]:
+    """Train `to_save`'s model with `train_spec`, evaluating with `eval_spec`; returns the final metrics.
+
+    Collective: every rank calls it. Resumes from the latest committed checkpoint in
+    `checkpoint_dir` (default `<output_dir>/checkpoints`; "none" disables checkpoints) when `resume`.
+    """
+    rt = runtime()
+    _check_prepared(to_save, rt)
+    if max_epochs is not None:
+        train_spec.max_epochs = max_epochs
+    if epoch_length is not None:
+        train_spec.epoch_length = epoch_length
+    params = redact(dict(parameters or {}))
+    schedule = Schedule(max_epochs=train_spec.max_epochs, log_every=_positive(log_every, "log_every"),
+                        eval_every=parse_every(eval_every), save_every=parse_every(save_every),
+                        save_every_minutes=save_every_minutes)
+    train_loop = _train_loop(train_spec, rt, seed)
+    evaluators = {name: _eval_loop(name, spec, rt) for name, spec in _named(eval_spec).items()}
+    sinks = _sinks(rt, output_dir, console, mlflow)
+    checkpoints = _checkpoints(rt, to_save, checkpoint_dir, output_dir, params, n_saved=n_saved,
+                               keep_best=keep_best, async_save=async_checkpoint, on_error=on_checkpoint_error)
+    stop = StopFlag(rt.distributed, group=_host_group(rt))
+    engine = Engine(runtime=rt, train=train_loop, evaluators=evaluators, schedule=schedule, to_save=to_save,
+                    sinks=sinks, checkpoints=checkpoints, stop=stop, seed=seed)
+    status = "FAILED"
+    stop.install()
+    try:
+        resumed = checkpoints.resume(engine, seed) if (checkpoints and resume) else _fresh(seed, rt)
+        run_id = rt.broadcast_object(checkpoints.manifest.get("tracking_run_id") if checkpoints else None)
+        sinks.start(RunInfo(params=params, tags=_tags(rt), output_dir=output_dir,
+                            resumed_step=engine.state.step if resumed else 0, run_id=run_id))
+        if resumed and engine.state.epoch >= schedule.max_epochs:
+            _say(rt, f"igniter-dist: this run already finished {engine.state.epoch} epochs "
+                     f"(--max-epochs {schedule.max_epochs}); raise --max-epochs to train further.")
+        metrics = engine.run()
+        _export(rt, to_save, model_dir or (os.path.join(output_dir, "model") if output_dir else None), params, sinks)
+        status = "FINISHED"
+        return metrics
+    except Interrupted:
+        status = "KILLED"
+        raise
+    finally:
+        stop.restore()
+        if checkpoints is not None:
+            checkpoints.manager.close()
+        sinks.close(status)
+
+
+def evaluate(
+    to_save: Mapping[str, Any],
+    eval_spec: RunSpec | Mapping[str, RunSpec],
+    *,
+    checkpoint_dir: str | None = None,
+    step: int | None = None,
+    output_dir: str | None = None,
+    console: bool = True,
+    **_: Any,
+) -> dict[str, float]:
+    """Collective: run the evaluators alone, on the latest (or `step`) checkpoint when `checkpoint_dir` is set."""
+    rt = runtime()
+    _check_prepared(to_save, rt)
+    if checkpoint_dir and checkpoint_dir.lower() != "none":
+        from .checkpoint import CheckpointManager
+
+        manager = CheckpointManager(checkpoint_dir, rt)
+        chosen = step if step is not None else manager.latest()
+        if chosen is None:
+            raise ConfigError(f"No committed checkpoint in {checkpoint_dir}; train first or pass another --checkpoint-dir.")
+        manager.load(chosen, dict(to_save))
+        manager.close()
+    evaluators = {name: _eval_loop(name, spec, rt) for name, spec in _named(eval_spec).items()}
+    sinks = _sinks(rt, output_dir, console, None)
+    noop = RunSpec(step=lambda e, b: {}, loader=[])
+    engine = Engine(runtime=rt, train=Loop("train", noop, [], MetricSet(None, rt.device, rt.distributed), 0),
+                    evaluators=evaluators, schedule=Schedule(), to_save=to_save, sinks=sinks)
+    sinks.start(RunInfo(output_dir=output_dir))
+    try:
+        return engine.evaluate()
+    finally:
+        sinks.close("FINISHED")
+
+
+# ---------------------------------------------------------------- assembly
+
+
+def _check_prepared(to_save: Mapping[str, Any], rt: Runtime) -> None:
+    if not isinstance(to_save, Mapping) or not to_save:
+        raise ConfigError("to_save must be a non-empty dict such as {'model': model, 'optimizer': optimizer}.")
+    for name, obj in to_save.items():
+        if not isinstance(obj, nn.Module) or isinstance(obj, nn.parallel.DistributedDataParallel):
+            continue
+        trainable = any(p.requires_grad for p in obj.parameters())
+        if rt.distributed and trainable:
+            raise ConfigError(
+                f"to_save[{name!r}] is a plain {type(obj).__name__} but this job has {rt.world_size} ranks, so its "
+                "replicas would drift apart; wrap it with model = ig.prepare(model) before building the optimizer."
+            )
+        dev = next((p.device for p in obj.parameters()), rt.device)
+        if dev.type != rt.device.type:
+            raise ConfigError(
+                f"to_save[{name!r}] lives on {dev} but this rank runs on {rt.device}; "
+                "wrap it with model = ig.prepare(model) to move it."
+            )
+
+
+def _named(eval_spec: RunSpec | Mapping[str, RunSpec] | None) -> dict[str, RunSpec]:
+    if eval_spec is None:
+        return {}
+    if isinstance(eval_spec, RunSpec):
+        return {"eval": eval_spec}
+    if isinstance(eval_spec, Mapping) and all(isinstance(v, RunSpec) for v in eval_spec.values()):
+        if "train" in eval_spec:
+            raise ConfigError("An evaluator may not be named 'train' (its metrics would mix with training's); rename it.")
+        return dict(eval_spec)
+    raise ConfigError(f"eval_spec must be a RunSpec or a dict of name -> RunSpec, got {type(eval_spec).__name__}.")
+
+
+def _train_loop(spec: RunSpec, rt: Runtime, seed: int) -> Loop:
+    loader = shard_train_loader(spec.loader, rt.rank, rt.world_size, seed) if _is_loader(spec.loader) else spec.loader
+    return Loop("train", spec, loader, MetricSet(spec.metrics, rt.device, rt.distributed),
+                check_epoch_length(loader, spec.epoch_length, "training"))
+
+
+def _eval_loop(name: str, spec: RunSpec, rt: Runtime) -> Loop:
+    loader = shard_eval_loader(spec.loader, rt.rank, rt.world_size) if _is_loader(spec.loader) else spec.loader
+    return Loop(name, spec, loader, MetricSet(spec.metrics, rt.device, rt.distributed), None)
+
+
+def _is_loader(obj: Any) -> bool:
+    return isinstance(obj, torch.utils.data.DataLoader)
+
+
+def _positive(value: int, name: str) -> int:
+    if int(value) < 1:
+        raise ConfigError(f"{name} must be a positive number of iterations, got {value}.")
+    return int(value)
+
+
+def _sinks(rt: Runtime, output_dir: str | None, console: bool, mlflow: Any) -> Sink:
+    from .tracking.factory import build_sinks
+
+    return build_sinks(rt, output_dir=output_dir, console=console, mlflow=mlflow)
+
+
+def _checkpoints(rt: Runtime, to_save: Mapping[str, Any], checkpoint_dir: str | None, output_dir: str | None,
+                 params: dict[str, Any], **options: Any) -> RunCheckpoints | None:
+    url = checkpoint_dir or (os.path.join(output_dir, "checkpoints") if output_dir else None)
+    if not url or url.lower() == "none":
+        return None
+    from .checkpoint import CheckpointManager
+
+    return RunCheckpoints(CheckpointManager(url, rt, **options), rt, to_save, {"args": params})
+
+
+def _host_group(rt: Runtime) -> Any:
+    """A gloo group for host-side agreements when the default group is nccl (collective: all ranks)."""
+    if rt.backend == "nccl":
+        return torch.distributed.new_group(backend="gloo")
+    return None
+
+
+def _fresh(seed: int, rt: Runtime) -> bool:
+    from .rng import seed_everything
+
+    seed_everything(seed + rt.rank)
+    return False
+
+
+def _tags(rt: Runtime) -> dict[str, str]:
+    return {"world_size": str(rt.world_size), "nodes": str(rt.num_nodes), "device": rt.device.type,
+            "torch": torch.__version__, "environment": rt.kind}
+
+
+def _say(rt: Runtime, message: str) -> None:
+    if rt.is_main:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _export(rt: Runtime, to_save: Mapping[str, Any], model_dir: str | None, params: dict[str, Any], sinks: Sink) -> None:
+    """Rank 0 writes the consolidated model and the redacted arguments to the model dir."""
+    if not rt.is_main or not model_dir:
+        return
+    from .checkpoint import export_model
+
+    model = next((m for m in to_save.values() if isinstance(m, nn.Module)), None)
+    os.makedirs(model_dir, exist_ok=True)
+    if model is not None:
+        path = os.path.join(model_dir, "model.pt")
+        export_model(unwrap(model), path)
+        sinks.log_artifact(path)
+    args_path = os.path.join(model_dir, "args.json")
+    with open(args_path, "w") as f:
+        json.dump(params, f, indent=2, sort_keys=True, default=str)
+    sinks.log_artifact(args_path)
