@@ -1,0 +1,70 @@
+"""Metrics are exact across ranks: 2 ranks with uneven shards give the single-process values."""
+
+import json
+
+import pytest
+import torch
+
+from igniter_dist.errors import ConfigError, StepOutputError
+from igniter_dist.metrics import Metric, MetricSet
+from launch import ROOT, check, python, torchrun
+
+PROBE = ROOT / "tests" / "workers" / "engine_probe.py"
+
+
+def run_metrics(tmp_path, nproc):
+    args = ["--mode", "metrics", "--report-dir", str(tmp_path / f"n{nproc}"), "--n-eval", "37",
+            "--eval-batch-size", "5", "--checkpoint-dir", "none", "--output-dir", str(tmp_path / "out")]
+    check(torchrun(PROBE, args, nproc=nproc) if nproc > 1 else python(PROBE, args))
+    return [json.loads(p.read_text())["metrics"] for p in sorted((tmp_path / f"n{nproc}").glob("rank*.json"))]
+
+
+def test_two_rank_metrics_equal_single_process_values(tmp_path):
+    (single,) = run_metrics(tmp_path, 1)
+    two = run_metrics(tmp_path, 2)
+    assert two[0] == two[1]
+    for name, value in single.items():
+        assert two[0][name] == pytest.approx(value, abs=1e-6), name
+    assert single["eval/value"] == pytest.approx(18.0)  # mean of sample ids 0..36
+    assert single["eval/double"] == pytest.approx(36.0)
+    # a per-batch mean weighted by batch size and per-sample values give the same dataset mean
+    assert single["eval/loss"] == pytest.approx(single["eval/per_sample"], abs=1e-6)
+
+
+def test_batch_mean_and_per_sample_outputs_weigh_samples_equally():
+    ms = MetricSet({"a": "loss", "b": "per_sample"}, torch.device("cpu"), distributed=False)
+    for values in (torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0])):
+        ms.update({"loss": values.mean(), "per_sample": values}, batch_size=len(values))
+    out = ms.compute()
+    assert out["a"] == pytest.approx(4.0) and out["b"] == pytest.approx(4.0)
+
+
+def test_missing_output_key_names_the_key_and_what_was_returned():
+    ms = MetricSet({"acc": "accuracy"}, torch.device("cpu"), distributed=False)
+    with pytest.raises(StepOutputError, match=r"Metric 'acc' reads output 'accuracy'.*returned 'loss'"):
+        ms.update({"loss": torch.tensor(1.0)}, 4)
+
+
+def test_non_numeric_output_is_refused():
+    ms = MetricSet({"loss": "loss"}, torch.device("cpu"), distributed=False)
+    with pytest.raises(StepOutputError, match="'loss'.*str"):
+        ms.update({"loss": "high"}, 4)
+
+
+def test_metric_objects_must_be_torchmetrics():
+    with pytest.raises(ConfigError, match="torchmetrics.Metric instance"):
+        Metric(object(), "logits")
+    with pytest.raises(ConfigError, match="expected an output key"):
+        MetricSet({"x": 3}, torch.device("cpu"), distributed=False)
+
+
+def test_accumulators_round_trip_through_state_dict():
+    import torchmetrics
+
+    a = MetricSet({"loss": "loss", "acc": Metric(torchmetrics.classification.MulticlassAccuracy(3), "p", "t")},
+                  torch.device("cpu"), distributed=False)
+    a.update({"loss": torch.tensor(2.0), "p": torch.tensor([0, 1, 2]), "t": torch.tensor([0, 1, 1])}, 3)
+    b = MetricSet({"loss": "loss", "acc": Metric(torchmetrics.classification.MulticlassAccuracy(3), "p", "t")},
+                  torch.device("cpu"), distributed=False)
+    b.load_state_dict(a.state_dict())
+    assert b.compute() == a.compute()
