@@ -1,0 +1,157 @@
+"""`igniter-dist sagemaker-entrypoint`: run a script under torchrun on every host of a SageMaker job.
+
+Each host reads resourceconfig.json, takes node rank = its index among the sorted hosts, and
+replaces itself (exec) with `python -m torch.distributed.run`, so SageMaker's SIGTERM on stop or
+spot interruption reaches torchrun, which forwards it to the workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import sagemaker
+from .args import REDACTED, is_secret
+from .errors import ConfigError
+
+# SageMaker starts a bring-your-own container as `docker run IMAGE train`.
+TRAIN_WORD = "train"
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    """What torchrun runs on this host."""
+
+    nnodes: int
+    node_rank: int
+    nproc_per_node: int
+    master_addr: str
+    master_port: int
+    script: str
+    script_args: tuple[str, ...]
+
+
+def plan_node(
+    config: sagemaker.ResourceConfig,
+    hyperparameters: dict[str, str],
+    script: str,
+    script_args: list[str],
+    nproc_per_node: int,
+    master_port: int,
+    master_addr: str | None = None,
+) -> NodePlan:
+    """The torchrun plan for this host: hyperparameters become `--key value` after the given arguments."""
+    if nproc_per_node < 1:
+        raise ConfigError(f"--nproc-per-node must be at least 1, got {nproc_per_node}.")
+    return NodePlan(
+        nnodes=len(config.hosts),
+        node_rank=config.node_rank,
+        nproc_per_node=nproc_per_node,
+        master_addr=master_addr or config.master_host,
+        master_port=master_port,
+        script=script,
+        script_args=(*script_args, *sagemaker.script_hyperparameters(hyperparameters)),
+    )
+
+
+def torchrun_argv(plan: NodePlan, python: str = sys.executable) -> list[str]:
+    """The command this host execs: static rendezvous at the first host, one agent per host."""
+    return [
+        python, "-m", "torch.distributed.run",
+        f"--nnodes={plan.nnodes}",
+        f"--node-rank={plan.node_rank}",
+        f"--nproc-per-node={plan.nproc_per_node}",
+        f"--master-addr={plan.master_addr}",
+        f"--master-port={plan.master_port}",
+        plan.script, *plan.script_args,
+    ]
+
+
+def display(argv: list[str]) -> str:
+    """The command as one line for the log, values of secret-looking `--key value` flags redacted."""
+    shown = list(argv)
+    for i, tok in enumerate(shown[:-1]):
+        if tok.startswith("--") and "=" not in tok and is_secret(tok):
+            shown[i + 1] = REDACTED
+    return shlex.join(shown)
+
+
+def resolve_script(script: str | None, hyperparameters: dict[str, str]) -> str:
+    """The script to run: the argument, or the `sagemaker_program` hyperparameter when started as `train`."""
+    if script and script != TRAIN_WORD:
+        return script
+    program = hyperparameters.get("sagemaker_program")
+    if not program:
+        raise ConfigError("no script to run: pass SCRIPT to igniter-dist sagemaker-entrypoint "
+                          "or set the sagemaker_program hyperparameter (igniter-dist launch sagemaker does).")
+    return program
+
+
+def unpack_code(archive: Path, target: Path) -> None:
+    """Extract the launcher's sourcedir.tar.gz into `target` (refusing paths that leave it)."""
+    target.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "r:gz") as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(target, filter="data")
+        else:  # Python without PEP 706: check member paths by hand
+            root = target.resolve()
+            for member in tar.getmembers():
+                dest = (target / member.name).resolve()
+                if root not in (dest, *dest.parents) or member.issym() or member.islnk():
+                    raise ConfigError(f"{archive} holds an unsafe member {member.name!r}; rebuild the source archive.")
+            tar.extractall(target)
+
+
+def _gpu_count() -> int:
+    known = sagemaker.num_gpus()
+    if known is not None:
+        return known
+    import torch  # only when the toolkit did not say; this process is replaced right after
+
+    return torch.cuda.device_count()
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nproc-per-node", type=int, default=None,
+                        help="Processes per host (default: SM_NUM_GPUS, else the GPUs seen, at least 1).")
+    parser.add_argument("--master-port", type=int, default=None,
+                        help="Rendezvous port on the first host (default: 7777, or SM_MASTER_PORT).")
+    parser.add_argument("--print-only", action="store_true",
+                        help="Print the torchrun command instead of running it.")
+    parser.add_argument("script", nargs="?", default=None,
+                        help="Script to run; omitted or 'train' means the sagemaker_program hyperparameter.")
+    parser.add_argument("script_args", nargs=argparse.REMAINDER, help="Arguments for the script.")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = sagemaker.resource_config()
+    if config is None:
+        raise ConfigError(f"not inside a SageMaker job: {sagemaker.config_dir() / 'resourceconfig.json'} is missing "
+                          "(set SAGEMAKER_BASE_DIR to a folder laid out as /opt/ml to simulate one).")
+    hps = sagemaker.hyperparameters()
+    script = resolve_script(args.script, hps)
+    archive = sagemaker.code_archive()
+    if archive is not None:
+        unpack_code(archive, sagemaker.code_dir())
+        os.chdir(sagemaker.code_dir())
+    gpus = _gpu_count()
+    plan = plan_node(
+        config, hps, script, list(args.script_args),
+        nproc_per_node=args.nproc_per_node or max(1, gpus),
+        master_port=args.master_port or sagemaker.master_port(),
+        master_addr=sagemaker.host_address(config.master_host),
+    )
+    argv = torchrun_argv(plan)
+    if args.print_only:
+        print(display(argv))
+        return 0
+    print(f"igniter-dist: host {config.current_host} is node {plan.node_rank} of {plan.nnodes}: {display(argv)}",
+          file=sys.stderr, flush=True)
+    env = {**os.environ, **sagemaker.toolkit_environment(config, gpus)}
+    os.execve(argv[0], argv, env)  # never returns: torchrun takes this PID and its signals
+    return 0  # pragma: no cover
