@@ -1,0 +1,86 @@
+"""Consolidated model files for inference: `model.pt` (weights_only-loadable) or `.safetensors`."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+
+from ..errors import CheckpointError, IgniterError
+from ..runtime import unwrap
+from . import layout
+from .safe_load import SafeLoadPlanner, load_metadata, safe_reader
+from .state import PER_RANK_PREFIX, buffers_for, quiet_single_process
+from .storage import Storage, root_cause
+
+
+def export_model(model: nn.Module, path_or_url: str) -> None:
+    """Write the unwrapped model's full state dict (no DDP `module.` prefix) to a file or URL.
+
+    Call it on rank 0 only. A `.safetensors` name writes safetensors; anything else `torch.save`.
+    """
+    state = {k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v
+             for k, v in unwrap(model).state_dict().items()}
+    write_state(state, path_or_url)
+
+
+def write_state(state: dict[str, Any], path_or_url: str) -> None:
+    """Serialise a flat state dict to `path_or_url`, atomically where the storage allows."""
+    if path_or_url.endswith(".safetensors"):
+        data = _safetensors_bytes(state, path_or_url)
+    else:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        data = buf.getvalue()
+    parent, _, name = path_or_url.rstrip("/").rpartition("/")
+    storage = Storage(parent or ".")
+    try:
+        storage.makedirs()
+        storage.write_atomic(data, name)
+    except IgniterError:
+        raise
+    except Exception as e:
+        raise storage.error("write", e, path_or_url) from None
+
+
+def _safetensors_bytes(state: dict[str, Any], url: str) -> bytes:
+    try:
+        from safetensors.torch import save as save_safetensors
+    except ImportError:
+        raise CheckpointError(f"Cannot write {url}: safetensors is not installed; pip install safetensors.") from None
+    tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return save_safetensors(tensors)
+
+
+def consolidate(step_url: str, key: str = "model") -> dict[str, Any]:
+    """One process: the full state dict saved under `key` in the checkpoint folder `step_url`."""
+    storage = Storage(step_url)
+    if not storage.exists(layout.MANIFEST):
+        raise CheckpointError(f"{step_url} is not a committed checkpoint (it has no {layout.MANIFEST}).")
+    try:
+        with storage.fs.open(storage.path_of(layout.DCP_METADATA), "rb") as f:
+            metadata = load_metadata(f, step_url)
+    except IgniterError:
+        raise
+    except Exception as e:
+        raise storage.error("read the metadata of", e) from None
+    prefix = key + "."
+    keys = sorted(k for k in metadata.state_dict_metadata if k.startswith(prefix))
+    if not keys:
+        names = sorted({k.split(".", 1)[0] for k in metadata.state_dict_metadata
+                        if not k.startswith(PER_RANK_PREFIX)})
+        raise CheckpointError(f"The checkpoint {step_url} holds no state named {key!r}; choose one of {names}.")
+    template = buffers_for(metadata.state_dict_metadata, keys)
+    try:
+        with quiet_single_process(False):
+            dcp.load(template, storage_reader=safe_reader(step_url), planner=SafeLoadPlanner(), no_dist=True)
+    except (Exception, CheckpointException) as e:
+        cause = root_cause(e)
+        if isinstance(cause, IgniterError):
+            raise CheckpointError(str(cause)) from None
+        raise storage.error("load", cause) from None
+    return {k[len(prefix):]: v for k, v in template.items()}

@@ -1,0 +1,114 @@
+"""Reading checkpoints without running their code.
+
+DCP reads `.metadata` with plain `pickle.load` and non-tensor values with
+`torch.load(weights_only=False)`: either runs whatever a crafted file asks. Here `.metadata` goes
+through an unpickler that resolves only DCP's own metadata types, and every value goes through
+`torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import re
+from typing import IO, Any
+
+import torch
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+from ..errors import CheckpointError
+from .storage import fsspec_io
+
+_DCP = "torch.distributed.checkpoint"
+ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset({
+    (f"{_DCP}.metadata", "Metadata"),
+    (f"{_DCP}.metadata", "BytesStorageMetadata"),
+    (f"{_DCP}.metadata", "ChunkStorageMetadata"),
+    (f"{_DCP}.metadata", "MetadataIndex"),
+    (f"{_DCP}.metadata", "StorageMeta"),
+    (f"{_DCP}.metadata", "TensorProperties"),
+    (f"{_DCP}.metadata", "TensorStorageMetadata"),
+    (f"{_DCP}.metadata", "_MEM_FORMAT_ENCODING"),
+    (f"{_DCP}.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+})
+_SAFE_FILE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Resolves DCP metadata classes and torch dtypes; refuses every other global."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not a DCP metadata type")
+
+
+def load_metadata(stream: IO[bytes], url: str) -> Metadata:
+    """Unpickle a DCP `.metadata` stream with the restricted unpickler; CheckpointError if it is not one."""
+    try:
+        metadata = _MetadataUnpickler(stream).load()
+    except Exception as e:
+        raise CheckpointError(
+            f"Refusing to load {url}: its .metadata is not plain DCP metadata ({e}); the checkpoint is "
+            "damaged or was crafted to run code."
+        ) from None
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
+        raise CheckpointError(f"Refusing to load {url}: its .metadata does not hold DCP metadata.")
+    for info in (metadata.storage_data or {}).values():
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(rel, str) or not _SAFE_FILE.match(rel) or rel in (".", ".."):
+            raise CheckpointError(
+                f"Refusing to load {url}: its .metadata points at a file outside the checkpoint ({rel!r})."
+            )
+    return metadata
+
+
+def load_value(data: IO[bytes], fqn: str) -> Any:
+    """A saved non-tensor value, read with `weights_only` semantics."""
+    try:
+        return torch.load(data, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"Refusing to load the value {fqn!r}: it is not loadable with weights_only ({first_line})."
+        ) from None
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner with non-tensor values read through `weights_only`."""
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        loaded = load_value(value, fqn)
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._traverse import set_element
+
+            set_element(self.original_state_dict, self.mappings[fqn], loaded)
+        else:
+            self.state_dict[fqn] = loaded
+
+
+def safe_reader(url: str) -> Any:
+    """An FsspecReader for the checkpoint folder `url` whose `.metadata` goes through `load_metadata`."""
+    _, FsspecReader = fsspec_io()
+
+    class SafeFsspecReader(FsspecReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+            rank = kwargs.get("rank")
+            name = ".metadata" if rank is None else f"__{rank}.metadata"
+            with self.fs.create_stream(self.fs.concat_path(self.path, name), "rb") as f:
+                metadata = load_metadata(f, url)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeFsspecReader(url)
