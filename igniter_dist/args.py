@@ -168,6 +168,10 @@ def build_parser(
     o.add_argument("--log-every", type=positive_int, default=50,
                    help="Compute and log training metrics every N iterations.")
 
+    from .tracking.flags import add_mlflow_flags  # the tracking package owns its flags
+
+    add_mlflow_flags(p)
+
     if inputs:
         i = p.add_argument_group("inputs")
         for name, default in inputs.items():
@@ -211,6 +215,8 @@ def parser_for_docs() -> argparse.ArgumentParser:
 
 def train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The engine's keyword arguments out of parsed flags, for `ig.train(**train_kwargs(args))`."""
+    from .tracking.factory import MlflowConfig
+
     return {
         "max_epochs": args.max_epochs,
         "epoch_length": args.epoch_length,
@@ -227,4 +233,5 @@ def train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "on_checkpoint_error": args.on_checkpoint_error,
         "output_dir": args.output_dir,
         "model_dir": args.model_dir,
+        "mlflow": MlflowConfig.from_args(args),
     }

@@ -98,7 +98,8 @@ class Engine:
             self.state.iteration = 0
             self._after_epoch()
         self.stop.drain()
-        return dict(self.metrics)
+        # Metrics are global already; the clock-based rates are rank 0's, so every rank returns the same.
+        return self.runtime.broadcast_object(dict(self.metrics))
 
     def _after_step(self, save_due: bool) -> None:
         s, sched = self.state, self.schedule
@@ -199,7 +200,8 @@ class Engine:
 
     def _publish(self, values: dict[str, float]) -> None:
         self.metrics.update(values)
-        self.sinks.log_metrics(values, self.state.step, self.state.epoch)
+        s = self.state  # the 1-based epoch in progress, or the one just completed
+        self.sinks.log_metrics(values, s.step, s.epoch + 1 if s.iteration else s.epoch)
 
     def _learning_rates(self) -> dict[str, float]:
         out: dict[str, float] = {}
