@@ -75,8 +75,12 @@ def torchrun_argv(plan: NodePlan, python: str = sys.executable) -> list[str]:
 def display(argv: list[str]) -> str:
     """The command as one line for the log, values of secret-looking `--key value` flags redacted."""
     shown = list(argv)
-    for i, tok in enumerate(shown[:-1]):
-        if tok.startswith("--") and "=" not in tok and is_secret(tok):
+    for i, tok in enumerate(shown):
+        if not tok.startswith("--") or not is_secret(tok.split("=", 1)[0]):
+            continue
+        if "=" in tok:
+            shown[i] = f"{tok.split('=', 1)[0]}={REDACTED}"
+        elif i + 1 < len(shown):
             shown[i + 1] = REDACTED
     return shlex.join(shown)
 

@@ -153,8 +153,8 @@ def test_script_comes_from_sagemaker_program_when_started_as_train():
 
 
 def test_logged_command_redacts_secrets():
-    shown = display(["python", "t.py", "--mlflow-token", "abc", "--lr", "0.1"])
-    assert "abc" not in shown and "0.1" in shown
+    shown = display(["python", "t.py", "--mlflow-token", "abc", "--api-key=xyz", "--lr", "0.1"])
+    assert "abc" not in shown and "xyz" not in shown and "--lr 0.1" in shown
 
 
 def test_print_only_through_the_cli(job):
