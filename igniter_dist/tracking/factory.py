@@ -1,0 +1,109 @@
+"""Assemble the sinks of this process: console, files and MLflow on rank 0, a null sink elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ConfigError
+from ..runtime import Runtime
+from .base import NullSink, Sink, Sinks
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    """MLflow settings from the `--mlflow-*` flags; unset values fall back to MLflow's own variables."""
+
+    enable: bool = False
+    tracking_uri: str | None = None
+    experiment_name: str | None = None
+    run_name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> MlflowConfig:
+        """Read the flags `add_mlflow_flags` added; a namespace without them gives a disabled config."""
+        config = cls(
+            enable=bool(getattr(args, "mlflow_enable", False)),
+            tracking_uri=getattr(args, "mlflow_tracking_uri", None) or None,
+            experiment_name=getattr(args, "mlflow_experiment_name", None) or None,
+            run_name=getattr(args, "mlflow_run_name", None) or None,
+            tags=dict(getattr(args, "mlflow_tags", None) or {}),
+            username=getattr(args, "mlflow_tracking_username", None) or None,
+            password=getattr(args, "mlflow_tracking_password", None) or None,
+        )
+        if not config.enable:
+            given = [flag for flag, value in (("--mlflow-tracking-uri", config.tracking_uri),
+                                              ("--mlflow-experiment-name", config.experiment_name),
+                                              ("--mlflow-run-name", config.run_name)) if value]
+            if given:
+                raise ConfigError(f"{given[0]} is set but MLflow is off; add --mlflow-enable true "
+                                  f"or drop {given[0]}.")
+        return config
+
+
+def build_sinks(runtime: Runtime, *, output_dir: str | None, console: bool = True,
+                mlflow: MlflowConfig | None = None) -> Sink:
+    """The sinks of this process: `Sinks([...])` on rank 0, `NullSink()` on every other rank.
+
+    Raises:
+        ConfigError: `output_dir` is a URL, or MLflow is enabled without the mlflow package.
+    """
+    if not runtime.is_main:
+        return NullSink()  # other ranks never print, write history or import mlflow
+    from .console import ConsoleSink
+    from .files import FileSink
+
+    sinks: list[Sink] = []
+    if console:
+        sinks.append(ConsoleSink())
+    files: FileSink | None = None
+    if output_dir:
+        if "://" in output_dir:
+            raise ConfigError(f"--output-dir must be a local folder, got {output_dir!r}; "
+                              "put checkpoints on remote storage with --checkpoint-dir instead.")
+        files = FileSink(output_dir)
+        sinks.append(files)
+    if mlflow is not None and mlflow.enable:
+        if importlib.util.find_spec("mlflow") is None:
+            raise ConfigError("--mlflow-enable true needs the mlflow package; "
+                              "install it with pip install 'igniter-dist[mlflow]'.")
+        from .mlflow_sink import MlflowSink
+
+        sinks.append(MlflowSink(
+            tracking_uri=mlflow.tracking_uri,
+            experiment_name=mlflow.experiment_name,
+            run_name=mlflow.run_name or _sagemaker_job_name(),
+            tags={**run_tags(runtime), **mlflow.tags},
+            username=mlflow.username,
+            password=mlflow.password,
+            output_dir=output_dir,
+            history=files.paths if files is not None else None,
+        ))
+    return Sinks(sinks)
+
+
+def run_tags(runtime: Runtime) -> dict[str, str]:
+    """Tags that describe where a run trains: world size, nodes, device, torch version, SageMaker job."""
+    tags = {
+        "world_size": str(runtime.world_size),
+        "nodes": str(runtime.num_nodes),
+        "device": runtime.device.type,
+        "environment": runtime.kind,
+        "torch_version": torch.__version__,
+    }
+    job = _sagemaker_job_name()
+    if job:
+        tags["sagemaker_job"] = job
+    return tags
+
+
+def _sagemaker_job_name() -> str | None:
+    # The platform sets TRAINING_JOB_NAME in every SageMaker container, toolkit or not.
+    return os.environ.get("TRAINING_JOB_NAME") or None
