@@ -1,0 +1,138 @@
+"""What rank 0 prints: a tqdm bar per epoch in a terminal, one plain line per log call otherwise."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import TextIO
+
+from .base import Progress, RunInfo, RunStatus
+
+
+def format_value(x: float) -> str:
+    """A metric as people read it: 0.3412, 0.91, 12.3, 23457, 3e-04, nan."""
+    if math.isnan(x) or math.isinf(x):
+        return str(x)
+    if x == int(x) and abs(x) < 1e15:
+        return str(int(x))
+    if abs(x) >= 1e4:
+        return f"{x:.0f}"
+    return f"{x:.4g}"
+
+
+def _short(name: str) -> str:
+    return name[len("train/"):] if name.startswith("train/") else name
+
+
+class ConsoleSink:
+    """Prints progress and metrics on rank 0 (the factory gives other ranks a null sink).
+
+    In a terminal: one tqdm bar per epoch (epoch, iteration, ETA), training metrics in its postfix,
+    other metrics (evaluations) as lines above it. Elsewhere (SageMaker, CloudWatch, files): one line
+    per `log_metrics` call, such as `epoch 2/10 step 150 | train/loss 0.3412 | 12.3 it/s`.
+    """
+
+    run_id: str | None = None
+
+    def __init__(self, stream: TextIO | None = None, *, terminal: bool | None = None):
+        self._stream = stream if stream is not None else sys.stdout
+        if terminal is None:
+            isatty = getattr(self._stream, "isatty", None)
+            terminal = bool(isatty and isatty())
+        self._terminal = terminal
+        self._last: Progress | None = None
+        self._max_epochs: int | None = None
+        self._bar = None  # tqdm bar of the current epoch, terminal mode only
+        self._bar_epoch = 0
+        self._rate_step = 0
+        self._rate_time = time.monotonic()
+        self._broken = False
+
+    def start(self, info: RunInfo) -> None:
+        self._rate_step = info.resumed_step
+        self._rate_time = time.monotonic()
+
+    def progress(self, p: Progress) -> None:
+        # Called every step: an assignment, a comparison and tqdm's own rate-limited update.
+        self._last = p
+        bar = self._bar
+        if bar is not None and p.epoch == self._bar_epoch:
+            bar.update(p.iteration - bar.n)
+        elif self._terminal and not self._broken:
+            self._open_bar(p)
+
+    def log_metrics(self, metrics: dict[str, float], step: int, epoch: int) -> None:
+        if self._broken:
+            return
+        try:
+            if self._terminal:
+                self._show_in_terminal(metrics, step, epoch)
+            else:
+                self._write(self.line(metrics, step, epoch))
+        except (OSError, ValueError):
+            self._broken = True  # stdout closed: stay quiet rather than fail the loop
+
+    def line(self, metrics: dict[str, float], step: int, epoch: int) -> str:
+        """The plain record of one log call: where, what, and the iteration rate since the last line."""
+        p = self._last
+        max_epochs = p.max_epochs if p is not None else self._max_epochs
+        parts = [f"epoch {epoch}/{max_epochs} step {step}" if max_epochs else f"epoch {epoch} step {step}"]
+        if metrics:
+            parts.append(" ".join(f"{k} {format_value(v)}" for k, v in metrics.items()))
+        rate = self._rate(step)
+        if rate is not None:
+            parts.append(f"{format_value(float(f'{rate:.3g}'))} it/s")
+        return " | ".join(parts)
+
+    def log_artifact(self, path: str) -> None:
+        pass
+
+    def set_tag(self, key: str, value: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):
+            self._broken = True
+
+    def close(self, status: RunStatus) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self.flush()
+
+    def _rate(self, step: int) -> float | None:
+        now = time.monotonic()
+        steps, seconds = step - self._rate_step, now - self._rate_time
+        if steps <= 0 or seconds <= 0:
+            return None
+        self._rate_step, self._rate_time = step, now
+        return steps / seconds
+
+    def _open_bar(self, p: Progress) -> None:
+        from tqdm.auto import tqdm
+
+        if self._bar is not None:
+            self._bar.close()
+        self._max_epochs = p.max_epochs
+        self._bar_epoch = p.epoch
+        self._bar = tqdm(total=p.epoch_length, initial=p.iteration, desc=f"epoch {p.epoch}/{p.max_epochs}",
+                         unit="it", file=self._stream, dynamic_ncols=True, leave=True)
+
+    def _show_in_terminal(self, metrics: dict[str, float], step: int, epoch: int) -> None:
+        train = {k: v for k, v in metrics.items() if k.startswith("train/") or "/" not in k}
+        others = {k: v for k, v in metrics.items() if k not in train}
+        if train and self._bar is not None:
+            self._bar.set_postfix_str(" ".join(f"{_short(k)}={format_value(v)}" for k, v in train.items()))
+            self._rate(step)
+        if others or (train and self._bar is None):
+            line = self.line(others or train, step, epoch)
+            if self._bar is not None:
+                self._bar.write(line, file=self._stream)
+            else:
+                self._write(line)
+
+    def _write(self, line: str) -> None:
+        print(line, file=self._stream, flush=True)
