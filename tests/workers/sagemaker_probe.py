@@ -48,6 +48,7 @@ def main() -> int:
         "pid": os.getpid(),
     }
     (out / f"rank{rank}.json").write_text(json.dumps(record))
+    print(f"probe: rank {rank} of {world} on node {record['group_rank']}", flush=True)
     if args.sleep.lower() != "true":
         dist.destroy_process_group()
         return 0
