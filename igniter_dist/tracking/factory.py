@@ -90,13 +90,13 @@ def build_sinks(runtime: Runtime, *, output_dir: str | None, console: bool = Tru
 
 
 def run_tags(runtime: Runtime) -> dict[str, str]:
-    """Tags that describe where a run trains: world size, nodes, device, torch version, SageMaker job."""
+    """Tags that describe where a run trains (the engine's RunInfo.tags may repeat them)."""
     tags = {
         "world_size": str(runtime.world_size),
         "nodes": str(runtime.num_nodes),
         "device": runtime.device.type,
         "environment": runtime.kind,
-        "torch_version": torch.__version__,
+        "torch": torch.__version__,
     }
     job = _sagemaker_job_name()
     if job:

@@ -370,7 +370,7 @@ class MlflowSink:
             if os.path.isdir(path):
                 client.log_artifacts(run_id, path, artifact_path=os.path.basename(os.path.normpath(path)))
             elif os.path.exists(path):
-                client.log_artifact(run_id, path)
+                client.log_artifact(run_id, path, artifact_path=op[2] if len(op) > 2 else None)
             else:
                 log.warning("artifact %s does not exist; not uploaded to MLflow", path)
 
@@ -397,7 +397,7 @@ class MlflowSink:
                 self._monitor.finish()
             elif step == "history" and self._history is not None:
                 for path in self._history():
-                    self._apply_or_skip(("artifact", path))
+                    self._apply_or_skip(("artifact", path, "history"))
             elif step == "status":
                 self._client.set_terminated(self._run_id, status)
             self._finish_steps.pop(0)
