@@ -71,6 +71,12 @@ def is_transient(exc: BaseException) -> bool:
     return aiohttp is not None and isinstance(exc, aiohttp.ClientError)
 
 
+def _sdk_retried(exc: BaseException) -> bool:
+    """botocore retries its own errors with backoff (AWS_RETRY_MODE, AWS_MAX_ATTEMPTS): retrying
+    them again here would multiply the wait on an outage."""
+    return type(exc).__module__.startswith("botocore")
+
+
 def retry(fn: Callable[[], T], what: str, attempts: int = RETRY_ATTEMPTS) -> T:
     """Call `fn`, retrying transient storage errors with bounded exponential backoff."""
     delay = RETRY_FIRST_DELAY_S
@@ -78,7 +84,7 @@ def retry(fn: Callable[[], T], what: str, attempts: int = RETRY_ATTEMPTS) -> T:
         try:
             return fn()
         except Exception as e:
-            if attempt == attempts or not is_transient(e):
+            if attempt == attempts or not is_transient(e) or _sdk_retried(e):
                 raise
             log.warning("%s failed (%s: %s); retry %d of %d in %.2fs", what, type(e).__name__, e,
                         attempt, attempts - 1, delay)
