@@ -96,13 +96,13 @@ class CheckpointManager:
         `"warn"` logs on rank 0 and returns False. A failed save is never committed.
         """
         self.wait()
+        entries = state_mod.classify(state)  # ConfigError, the same on every rank: a bug, not an outage
         folder = layout.step_dirname(step)
         url = self.storage.url_of(folder)
         local_error: str | None = None
         sd: dict[str, Any] = {}
         writer: Any = None
         try:
-            entries = state_mod.classify(state)
             sd = state_mod.to_save(entries, per_rank, self.runtime.rank)
             if self.async_save:
                 sd = state_mod.stage(sd)  # the only part of an async save the loop waits for
@@ -261,6 +261,7 @@ class CheckpointManager:
     def load(self, step: int, state: dict[str, Any]) -> LoadResult:
         """Collective: load committed step `step` in place into the objects of `state`."""
         self.wait()
+        entries = state_mod.classify(state)
         folder = layout.step_dirname(step)
         url = self.storage.url_of(folder)
         found: tuple[dict[str, Any], str, str | None] = ({}, folder, None)
@@ -275,7 +276,6 @@ class CheckpointManager:
         try:
             with self.storage.fs.open(self.storage.path_of(folder, layout.DCP_METADATA), "rb") as f:
                 metadata = load_metadata(f, url)
-            entries = state_mod.classify(state)
             template = state_mod.load_template(entries, metadata, self.runtime.rank, url)
         except IgniterError as e:
             error = str(e)
