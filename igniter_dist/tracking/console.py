@@ -50,11 +50,12 @@ class ConsoleSink:
         self._broken = False
 
     def start(self, info: RunInfo) -> None:
-        self._rate_step = info.resumed_step
-        self._rate_time = time.monotonic()
+        self._last = None  # the rate counts from the first step, not from set-up (MLflow may take seconds)
 
     def progress(self, p: Progress) -> None:
-        # Called every step: an assignment, a comparison and tqdm's own rate-limited update.
+        # Called every step: two comparisons, an assignment and tqdm's own rate-limited update.
+        if self._last is None:
+            self._rate_step, self._rate_time = p.step, time.monotonic()
         self._last = p
         bar = self._bar
         if bar is not None and p.epoch == self._bar_epoch:
