@@ -119,3 +119,13 @@ def test_an_unwritable_folder_warns_and_never_raises(tmp_path, caplog):
     sink.flush()
     sink.close("FAILED")
     assert sum("metrics history" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_fresh_start_or_an_evaluation_in_the_same_folder_drops_nothing(tmp_path):
+    log_run(tmp_path, range(1, 21))
+    sink = FileSink(tmp_path)
+    sink.start(RunInfo())  # what ig.evaluate does, at step 0
+    sink.log_metrics({"eval/accuracy": 0.5}, 0, 0)
+    sink.close("FINISHED")
+    assert len(records(tmp_path)) == 22 + 1
+    assert [r["step"] for r in rows(tmp_path / "eval.csv")] == ["10", "20", "0"]

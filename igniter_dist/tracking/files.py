@@ -1,8 +1,8 @@
 """The machine-readable history in the output folder: args.json, metrics.jsonl and one CSV per evaluator.
 
-Files are appended across resumes. On start, records after the resumed step (logged by an attempt
-that died before its next checkpoint, and about to be logged again) are dropped, so each step
-appears once and steps only grow.
+Files are appended across runs. When a run resumes from step N, records after step N (logged by
+an attempt that died before its next checkpoint, and about to be logged again) are dropped first,
+so each step appears once and steps only grow. A fresh start drops nothing.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _step_of(value: Any) -> int | None:
 class CsvHistory:
     """One CSV file of `step, epoch, time, <metrics...>`; new metric names widen the header in place."""
 
-    def __init__(self, path: Path, keep_until_step: int):
+    def __init__(self, path: Path, keep_until_step: int | None):
         self.path = path
         self.columns: list[str] = []
         self._keep_until = keep_until_step
@@ -74,7 +74,8 @@ class CsvHistory:
 
     def _open(self, columns: list[str]) -> None:
         header, rows = self._read()
-        kept = [r for r in rows if (s := _step_of(r.get("step"))) is not None and s <= self._keep_until]
+        kept = rows if self._keep_until is None else [
+            r for r in rows if (s := _step_of(r.get("step"))) is not None and s <= self._keep_until]
         self.columns = header + [c for c in columns if c not in header]
         if header != self.columns or len(kept) != len(rows):
             self._write_all(self.columns, kept)
@@ -121,7 +122,7 @@ class FileSink:
         self.dir = Path(output_dir)
         self._jsonl: TextIO | None = None
         self._csvs: dict[str, CsvHistory] = {}
-        self._keep_until = 0
+        self._keep_until: int | None = None  # the resumed step, whose later records are dropped
         self._broken = False
 
     @property
@@ -138,7 +139,8 @@ class FileSink:
         return [str(p) for p in found if p.exists()]
 
     def start(self, info: RunInfo) -> None:
-        self._keep_until = info.resumed_step
+        # Only a resume rolls back: `ig.evaluate` into the same folder also starts at step 0.
+        self._keep_until = info.resumed_step or None
         self._guard(self._start, info)
 
     def progress(self, p: Progress) -> None:
@@ -170,7 +172,8 @@ class FileSink:
         self.dir.mkdir(parents=True, exist_ok=True)
         params = redact(info.params)  # already redacted by the caller; a second pass costs nothing
         _write_atomic(self.args_path, lambda f: json.dump(params, f, indent=2, sort_keys=True, default=str))
-        self._drop_records_after(self._keep_until)
+        if self._keep_until is not None:
+            self._drop_records_after(self._keep_until)
         self._jsonl = open(self.jsonl_path, "a")
 
     def _drop_records_after(self, step: int) -> None:

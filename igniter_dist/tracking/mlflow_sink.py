@@ -286,7 +286,11 @@ class MlflowSink:
 
     def _embedded_store(self) -> str:
         """A sqlite store under `<output_dir>/mlruns` (what `mlflow ui --backend-store-uri` opens)."""
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+        try:
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+        except ImportError as e:  # mlflow-skinny alone: a client without the sqlite store
+            raise ImportError(f"the local MLflow store needs the full mlflow package ({e}); "
+                              "pip install mlflow, or set --mlflow-tracking-uri to a server") from e
 
         root = Path(self._output_dir or self._info.output_dir or ".").resolve() / "mlruns"
         root.mkdir(parents=True, exist_ok=True)
