@@ -142,10 +142,12 @@ def init_runtime(device: str = "auto", timeout_s: float = 1800.0) -> Runtime:
     if world_size > 1:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if not dist.is_initialized():
+            timeout = datetime.timedelta(seconds=timeout_s)
             dist.init_process_group(
                 backend=backend,
-                timeout=datetime.timedelta(seconds=timeout_s),
+                timeout=timeout,
                 device_id=dev if dev.type == "cuda" else None,
+                **_attempt_store(rank, world_size, timeout),
             )
     _current = Runtime(
         rank=rank,
@@ -158,6 +160,21 @@ def init_runtime(device: str = "auto", timeout_s: float = 1800.0) -> Runtime:
         kind=kind,
     )
     return _current
+
+
+def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dict[str, Any]:
+    """Under torchrun restarts, a store namespace of this attempt's own.
+
+    torchrun's workers share the agent's TCPStore across restarts (torch 2.13 adds no per-attempt
+    prefix), so a restarted gloo group reads the dead attempt's addresses and fails to connect.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    attempt = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=timeout)
+    return {"store": dist.PrefixStore(f"igniter_dist/attempt_{attempt}", store), "rank": rank,
+            "world_size": world_size}
 
 
 def shutdown_runtime() -> None:

@@ -1,0 +1,111 @@
+"""A training script for resume tests: dropout, shuffled data, optional loader workers.
+
+It can interrupt itself at a chosen global step (SIGTERM or SIGINT to itself from one rank,
+SIGKILL of one rank on the first attempt under torchrun restarts) and reports a digest of the
+final model + optimizer state, the samples it read, and how often the dataset was read.
+"""
+
+import hashlib
+import json
+import os
+import signal
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+
+import igniter_dist as ig
+from igniter_dist.args import parse_bool
+from igniter_dist.runtime import unwrap
+
+
+class Numbers(Dataset):
+    def __init__(self, n: int, reads_file: str | None = None):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 6, generator=g)
+        self.y = (self.x.sum(1) > 0).long()
+        self.reads_file = reads_file
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        if self.reads_file:  # one line per read, appended from whichever process reads
+            with open(self.reads_file, "a") as f:
+                f.write(f"{i}\n")
+        return self.x[i], self.y[i], i
+
+
+def state_digest(model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(unwrap(model).state_dict().items()):
+        h.update(name.encode() + t.detach().cpu().numpy().tobytes())
+    for i, st in sorted(optimizer.state_dict()["state"].items()):
+        for k, v in sorted(st.items()):
+            h.update(f"{i}{k}".encode() + (v.cpu().numpy().tobytes() if torch.is_tensor(v) else str(v).encode()))
+    return h.hexdigest()
+
+
+def main(args):
+    rt = ig.runtime()
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    reads = os.path.join(args.report_dir, f"reads_rank{rt.rank}.txt") if args.count_reads else None
+    os.makedirs(args.report_dir, exist_ok=True)
+    train_loader = DataLoader(Numbers(args.n_train, reads), batch_size=args.batch_size, shuffle=True,
+                              num_workers=args.workers)
+    eval_loader = DataLoader(Numbers(24), batch_size=5)
+    model = ig.prepare(nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 2)))
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
+    seen: list[int] = []
+
+    fired = []
+
+    def maybe_interrupt(step: int, where: str) -> None:
+        if args.interrupt_at == step and args.interrupt_where == where and first_attempt and not fired:
+            fired.append(step)
+            if args.interrupt_signal == "KILL" and rt.rank == args.interrupt_rank:
+                os.kill(os.getpid(), signal.SIGKILL)
+            elif args.interrupt_signal != "KILL" and rt.rank == args.interrupt_rank:
+                os.kill(os.getpid(), getattr(signal, "SIG" + args.interrupt_signal))
+
+    def train_step(engine, batch):
+        x, y, idx = batch
+        seen.extend(idx.tolist())
+        model.train()
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        maybe_interrupt(engine.state.step + 1, "train")
+        return {"loss": loss}
+
+    def eval_step(engine, batch):
+        x, y, _ = batch
+        maybe_interrupt(engine.state.step, "eval")
+        return {"loss": nn.functional.cross_entropy(model(x), y)}
+
+    metrics = ig.train(
+        to_save={"model": model, "optimizer": optimizer},
+        train_spec=ig.RunSpec(step=train_step, loader=train_loader, metrics={"loss": "loss"}),
+        eval_spec=ig.RunSpec(step=eval_step, loader=eval_loader, metrics={"loss": "loss"}),
+        **ig.train_kwargs(args),
+        parameters=vars(args),
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    with open(os.path.join(args.report_dir, f"rank{rt.rank}_attempt{attempt}_{os.getpid()}.json"), "w") as f:
+        json.dump({"digest": state_digest(model, optimizer), "seen": seen, "metrics": metrics}, f)
+
+
+def flags(parser):
+    parser.add_argument("--report-dir", required=True)
+    parser.add_argument("--n-train", type=int, default=48)
+    parser.add_argument("--interrupt-at", type=int, default=-1, help="global step (1-based) to interrupt after")
+    parser.add_argument("--interrupt-where", default="train", choices=["train", "eval"])
+    parser.add_argument("--interrupt-signal", default="TERM", choices=["TERM", "INT", "KILL"])
+    parser.add_argument("--interrupt-rank", type=int, default=0)
+    parser.add_argument("--count-reads", type=parse_bool, default=False)
+    parser.set_defaults(workers=0, batch_size=4, max_epochs=3, learning_rate=0.01, log_every=5)
+
+
+if __name__ == "__main__":
+    ig.igniter_main(main, argparse_callback=flags)
