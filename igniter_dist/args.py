@@ -102,8 +102,18 @@ def is_secret(name: str) -> bool:
 
 
 def redact(params: dict[str, Any]) -> dict[str, Any]:
-    """A copy of `params` with secret-looking values replaced, ready to be written anywhere."""
-    return {k: (REDACTED if is_secret(k) and v not in (None, "") else v) for k, v in params.items()}
+    """A JSON-ready copy of `params` with secret-looking values replaced, safe to write anywhere."""
+    return {k: (REDACTED if is_secret(k) and v not in (None, "") else _plain(v)) for k, v in params.items()}
+
+
+def _plain(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): (REDACTED if is_secret(str(k)) else _plain(v)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value)
 
 
 class _Parser(argparse.ArgumentParser):
