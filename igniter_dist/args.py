@@ -154,8 +154,10 @@ def build_parser(
                    help="Convert BatchNorm layers to SyncBatchNorm when distributed.")
 
     c = p.add_argument_group("checkpoints")
-    c.add_argument("--checkpoint-dir", default=None,
-                   help="Folder or fsspec URL (s3://bucket/prefix) for checkpoints (default: <output-dir>/checkpoints).")
+    c.add_argument("--checkpoint-dir", default=sagemaker.checkpoint_dir(),
+                   help="Folder or fsspec URL (s3://bucket/prefix) for checkpoints, or none (default: "
+                        "<output-dir>/checkpoints; inside SageMaker /opt/ml/checkpoints or an s3:// "
+                        "checkpoint-dir hyperparameter).")
     c.add_argument("--resume", type=parse_bool, default=True,
                    help="Resume from the latest committed checkpoint in --checkpoint-dir.")
     c.add_argument("--save-every", type=parse_every, default=Every(1),
