@@ -1,0 +1,172 @@
+"""One torchrun job: checkpoint a model + Adam state with igniter-dist and write/read the same bytes plainly.
+
+Every measurement starts and ends at a barrier, so it is the slowest rank's time; rank 0 writes
+the results. Operations alternate within each repetition (plain write, sync save, async save,
+plain read, load), so machine drift hits them alike.
+
+    torchrun --nproc-per-node 2 benchmarks/checkpoint/worker.py --url runs/bench/scratch/ckpt --out x.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch import nn  # noqa: E402
+
+from harness import write_json  # noqa: E402
+from igniter_dist.checkpoint import CheckpointManager  # noqa: E402
+from igniter_dist.runtime import init_runtime, prepare, shutdown_runtime, unwrap  # noqa: E402
+
+LAYERS = 4
+
+
+def model_of(megabytes: float) -> nn.Module:
+    """An MLP whose parameters plus Adam's two moments take about `megabytes` of float32."""
+    width = int(math.sqrt(megabytes * 1e6 / (3 * 4 * LAYERS)))
+    return nn.Sequential(*(nn.Linear(width, width, bias=False) for _ in range(LAYERS)))
+
+
+def state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    tensors = list(unwrap(model).state_dict().values())
+    for s in optimizer.state.values():
+        tensors += [v for v in s.values() if isinstance(v, torch.Tensor)]
+    return tensors
+
+
+def my_share(tensors: list[torch.Tensor], rank: int, world_size: int) -> list[torch.Tensor]:
+    """Split the tensors between ranks, largest first to the least loaded (as DCP balances replicated state)."""
+    load = [0] * world_size
+    mine = []
+    for t in sorted(tensors, key=lambda t: -t.nbytes):
+        r = load.index(min(load))
+        load[r] += t.nbytes
+        if r == rank:
+            mine.append(t)
+    return mine
+
+
+class Timer:
+    """Barrier-to-barrier timings by name, so each is the slowest rank's time."""
+
+    def __init__(self, distributed: bool):
+        self.distributed = distributed
+        self.results: dict[str, list[float]] = {}
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def time(self, name: str, fn: Callable[[], object]) -> None:
+        self.barrier()
+        t0 = time.perf_counter()
+        fn()
+        self.barrier()
+        self.results.setdefault(name, []).append(time.perf_counter() - t0)
+
+    def record_max(self, name: str, seconds: float) -> None:
+        """A per-rank duration (no barrier inside it), reduced to the slowest rank's."""
+        t = torch.tensor([seconds], dtype=torch.float64)
+        if self.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        self.results.setdefault(name, []).append(float(t))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--url", required=True, help="A local folder or s3://bucket/prefix, empty or absent.")
+    p.add_argument("--megabytes", type=float, default=200.0)
+    p.add_argument("--reps", type=int, default=3, help="Timed repetitions, after one warm-up.")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+
+    rt = init_runtime("cpu")
+    torch.manual_seed(0)
+    model = prepare(model_of(args.megabytes))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(8, unwrap(model)[0].in_features)).sum().backward()
+    optimizer.step()  # Adam's moments now exist
+    state = {"model": model, "optimizer": optimizer}
+    tensors = state_tensors(model, optimizer)
+    total_bytes = sum(t.nbytes for t in tensors)
+    mine = my_share(tensors, rt.rank, rt.world_size)
+
+    url = args.url.rstrip("/")
+    local = "://" not in url
+    fs = plain_fs(url)
+    plain_root = f"{url}/plain"
+    sync = CheckpointManager(f"{url}/sync", rt, n_saved=2)
+    background = CheckpointManager(f"{url}/async", rt, n_saved=2, async_save=True)
+    timer = Timer(rt.distributed)
+    mine_bytes = None if local else b"".join(t.numpy().tobytes() for t in mine)  # pipe takes bytes
+
+    def plain_write(rep: int) -> None:
+        path = f"{plain_root}/{rep}/rank{rt.rank}.bin"
+        if local:
+            with open(path, "wb") as f:
+                for t in mine:
+                    f.write(t.numpy().data)
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            fs.pipe_file(path, mine_bytes)
+
+    def plain_read(rep: int) -> None:
+        # Every rank reads the whole state, as every DDP rank loads every replicated tensor.
+        for r in range(rt.world_size):
+            path = f"{plain_root}/{rep}/rank{r}.bin"
+            if local:
+                with open(path, "rb") as f:
+                    buf = bytearray(os.fstat(f.fileno()).st_size)
+                    f.readinto(buf)
+            else:
+                fs.cat_file(path)
+
+    def async_save(step: int) -> None:
+        timer.barrier()
+        t0 = time.perf_counter()
+        background.save(step, state, per_rank={}, manifest={})
+        blocked = time.perf_counter() - t0
+        background.wait()
+        timer.barrier()
+        timer.record_max("async_blocking_s", blocked)
+        timer.results.setdefault("async_total_s", []).append(time.perf_counter() - t0)
+
+    for rep in range(args.reps + 1):  # repetition 0 warms up (connections, allocations) and is dropped
+        if rt.is_main and local:
+            os.makedirs(f"{plain_root}/{rep}", exist_ok=True)
+        timer.time("plain_write_s", lambda: plain_write(rep))
+        timer.time("save_s", lambda: sync.save(rep, state, per_rank={}, manifest={}))
+        async_save(rep)
+        timer.time("plain_read_s", lambda: plain_read(rep))
+        timer.time("load_s", lambda: sync.load(rep, state))
+        timer.time("resume_s", lambda: sync.load(sync.latest(), state))  # what a restart does: find latest, load
+        if rt.is_main:
+            fs.rm(f"{plain_root}/{rep}", recursive=True)
+        if rep == 0:
+            timer.results.clear()
+    sync.close()
+    background.close()
+    if rt.is_main:
+        write_json(args.out, {"url": url, "world_size": rt.world_size, "state_bytes": total_bytes,
+                              "reps": args.reps, "results": timer.results})
+    shutdown_runtime()
+
+
+def plain_fs(url: str):
+    from fsspec.core import url_to_fs
+
+    return url_to_fs(url)[0]
+
+
+if __name__ == "__main__":
+    main()
