@@ -19,6 +19,17 @@ from launch import free_port
 SERVER_START_TIMEOUT_S = 180  # about 22 s on an idle 2-core machine; tests run beside other work
 
 
+@pytest.fixture
+def clean_mlflow_env(monkeypatch):
+    """No MLFLOW_* variable from the caller's shell; the sink's HTTP defaults restored after the test."""
+    from igniter_dist.tracking.mlflow_sink import HTTP_DEFAULTS
+
+    for name in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        monkeypatch.delenv(name)
+    for name, value in HTTP_DEFAULTS.items():
+        monkeypatch.setenv(name, value)  # what MlflowSink.start would set, undone after the test
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory) -> str:
     """The URL of one `mlflow server` shared by the session: "http://127.0.0.1:<port>"."""
@@ -63,7 +74,7 @@ def _stop(proc: subprocess.Popen) -> None:
         return
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=15)
+        proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

@@ -11,6 +11,8 @@ from launch import ROOT, check, python, torchrun
 WORKER = ROOT / "tests" / "workers" / "tracking_train.py"
 PASSWORD, TOKEN = "pw-SECRET-1", "tok-SECRET-2"
 
+pytestmark = pytest.mark.usefixtures("clean_mlflow_env")  # children inherit no MLFLOW_* from the shell
+
 
 def job_args(tmp: Path, *extra: str) -> list[str]:
     return ["--output-dir", str(tmp / "out"), "--checkpoint-dir", str(tmp / "ckpt"), "--mlflow-enable", "true",

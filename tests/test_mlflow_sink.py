@@ -11,10 +11,7 @@ from igniter_dist.tracking.mlflow_sink import MAX_PARAM_LENGTH, MlflowSink
 SINK_LOG = "igniter_dist.tracking.mlflow_sink"
 
 
-@pytest.fixture(autouse=True)
-def _no_mlflow_env(monkeypatch):
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("clean_mlflow_env")
 
 
 def client(uri):

@@ -52,7 +52,8 @@ def test_an_output_url_is_refused(tmp_path):
         build_sinks(Runtime(), output_dir="s3://bucket/out")
 
 
-def test_rank_zero_fans_out_to_console_files_and_mlflow_with_history_uploaded(tmp_path, mlflow_server, capsys):
+def test_rank_zero_fans_out_to_console_files_and_mlflow_with_history_uploaded(tmp_path, mlflow_server, capsys,
+                                                                             clean_mlflow_env):
     name = f"factory-{uuid.uuid4().hex[:8]}"
     sinks = build_sinks(Runtime(), output_dir=str(tmp_path), mlflow=MlflowConfig(
         enable=True, tracking_uri=mlflow_server, experiment_name=name, tags={"team": "vision"}))
