@@ -21,7 +21,7 @@ from igniter_dist.errors import CheckpointError
 from igniter_dist.runtime import Runtime
 
 import launch
-from fixtures_s3 import StoppableS3Server, clear_s3fs_cache
+from fixtures_s3 import StoppableS3Server
 
 WORKER = Path(__file__).parent / "workers" / "checkpoint_worker.py"
 
@@ -49,8 +49,9 @@ def fresh_objects():
 
 
 def assert_loads_here(url: str, step: int, expect: Path) -> None:
-    """Load `step` on this one process (no DDP) and compare bitwise with what the worker saved."""
-    clear_s3fs_cache()
+    """Load `step` on this one process (no DDP) and compare bitwise with what the worker saved.
+
+    s3fs's cache is kept on purpose: the manager must see other processes' writes by itself."""
     state = fresh_objects()
     result = CheckpointManager(url, Runtime()).load(step, state)
     want = torch.load(expect / f"step{step}.pt", weights_only=True)
@@ -69,13 +70,11 @@ def assert_loads_here(url: str, step: int, expect: Path) -> None:
 
 
 def latest_here(url: str) -> int | None:
-    clear_s3fs_cache()
     return CheckpointManager(url, Runtime()).latest()
 
 
 def folders(url: str) -> dict[str, bool]:
     """step folder name -> committed, listed fresh."""
-    clear_s3fs_cache()
     listing = Storage(url).find()
     names = {rel.split("/")[0] for rel in listing if rel.startswith("step_")}
     return {n: f"{n}/{MANIFEST}" in listing for n in sorted(names)}
@@ -219,6 +218,5 @@ def test_s3_outage_warn_mode_trains_on_and_saves_when_back(s3_bucket, tmp_path):
 
 
 def test_missing_bucket_is_a_clear_error(s3_endpoint):
-    clear_s3fs_cache()
     with pytest.raises(CheckpointError, match=r"s3://no-such-bucket-[0-9a-f]+/run.*bucket .* does not exist"):
         CheckpointManager(f"s3://no-such-bucket-{time.time_ns():x}/run", Runtime()).latest()

@@ -131,6 +131,8 @@ def test_errors_name_the_url_and_the_cause(tmp_path):
     with pytest.raises(CheckpointError, match=r"Could not prepare the folder for step 1 at /dev/null/ck/step_0000000001: NotADirectoryError"):
         save("/dev/null/ck", 1)
     assert save("/dev/null/ck", 1, on_error="warn") is False
+    denied = Storage("s3://some-bucket/run").describe(PermissionError("Access Denied"))
+    assert "s3:ListBucket" in denied and "s3:PutObject" in denied
 
 
 def test_settings_are_validated_with_one_sentence():

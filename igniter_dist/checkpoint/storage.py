@@ -22,6 +22,7 @@ T = TypeVar("T")
 RETRY_ATTEMPTS = 4
 RETRY_FIRST_DELAY_S = 0.25
 RETRY_MAX_DELAY_S = 2.0
+_BUCKET_PROTOCOLS = ("s3", "s3a", "gs", "gcs")
 _PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
                         FileExistsError)
 
@@ -189,8 +190,10 @@ class Storage:
         retry(_rm, f"deleting {self.url_of(*parts)}")
 
     def bucket(self) -> str | None:
-        """The bucket of an object-store URL (`s3://bucket/prefix`), None for local folders."""
-        return None if self.is_local else self.root.split("/", 1)[0]
+        """The bucket of an object-store URL (`s3://bucket/prefix`), None for anything else."""
+        if self.protocol not in _BUCKET_PROTOCOLS:
+            return None
+        return self.root.split("/", 1)[0] or None
 
     def _check_bucket(self) -> None:
         bucket = self.bucket()
