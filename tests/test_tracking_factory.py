@@ -113,3 +113,12 @@ def test_two_ranks_print_log_and_track_from_rank_zero_only(tmp_path, mlflow_serv
     assert runs[0].data.tags["world_size"] == "2"
     history = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in history] == [10, 20, 30]  # one writer
+
+
+def test_run_tags_name_the_sagemaker_job(monkeypatch):
+    from igniter_dist.tracking.factory import run_tags
+
+    monkeypatch.setenv("TRAINING_JOB_NAME", "digits-2026-11-28")
+    tags = run_tags(Runtime(world_size=4, local_world_size=2, rank=0, kind="sagemaker"))
+    assert tags["sagemaker_job"] == "digits-2026-11-28"
+    assert (tags["world_size"], tags["nodes"], tags["environment"]) == ("4", "2", "sagemaker")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 from dataclasses import dataclass, field
 
 import torch
 
+from .. import sagemaker
 from ..errors import ConfigError
 from ..runtime import Runtime
 from .base import NullSink, Sink, Sinks
@@ -79,7 +79,7 @@ def build_sinks(runtime: Runtime, *, output_dir: str | None, console: bool = Tru
         sinks.append(MlflowSink(
             tracking_uri=mlflow.tracking_uri,
             experiment_name=mlflow.experiment_name,
-            run_name=mlflow.run_name or _sagemaker_job_name(),
+            run_name=mlflow.run_name or sagemaker.job_name(),
             tags={**run_tags(runtime), **mlflow.tags},
             username=mlflow.username,
             password=mlflow.password,
@@ -98,12 +98,8 @@ def run_tags(runtime: Runtime) -> dict[str, str]:
         "environment": runtime.kind,
         "torch": torch.__version__,
     }
-    job = _sagemaker_job_name()
+    job = sagemaker.job_name()
     if job:
         tags["sagemaker_job"] = job
     return tags
 
-
-def _sagemaker_job_name() -> str | None:
-    # The platform sets TRAINING_JOB_NAME in every SageMaker container, toolkit or not.
-    return os.environ.get("TRAINING_JOB_NAME") or None
