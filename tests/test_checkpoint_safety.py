@@ -7,11 +7,13 @@ import os
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from igniter_dist.checkpoint import CheckpointManager, export_model
+from igniter_dist.checkpoint import state as state_mod
 from igniter_dist.checkpoint.layout import MANIFEST, step_dirname
 from igniter_dist.checkpoint.retention import KeepBest, choose_kept, parse_keep_best
 from igniter_dist.checkpoint.storage import Storage
@@ -80,7 +82,7 @@ def test_crafted_metadata_is_refused_and_runs_nothing(store, tmp_path):
     assert not marker.exists()
 
 
-def test_code_hidden_inside_real_metadata_or_a_value_is_refused(tmp_path):
+def test_code_hidden_inside_real_metadata_or_a_value_is_refused(tmp_path, monkeypatch):
     url = str(tmp_path / "ck")
     marker = tmp_path / "pwned"
     save(url, 1)
@@ -93,11 +95,16 @@ def test_code_hidden_inside_real_metadata_or_a_value_is_refused(tmp_path):
         CheckpointManager(url, Runtime()).load(1, objects())
     assert not marker.exists()
 
-    # A non-tensor value that would run code is refused by weights_only.
+    # Saving refuses a value that would not load back; a crafted value slipped in is refused at load.
     url2 = str(tmp_path / "ck2")
+    with pytest.raises(ConfigError, match=r"Cannot checkpoint per_rank\['np'\]: a numpy.ndarray"):
+        CheckpointManager(url2, Runtime()).save(1, objects(), per_rank={"np": np.zeros(2)}, manifest={})
     state = objects()
     state["extra"] = {"payload": RunsCode(marker)}
-    assert save(url2, 1, state)
+    with pytest.raises(ConfigError, match="Cannot checkpoint extra\\['payload'\\]"):
+        save(url2, 1, state)
+    monkeypatch.setattr(state_mod, "unloadable", lambda sd: None)
+    assert save(url2, 1, state)  # as if written by something that does not check
     with pytest.raises(CheckpointError, match=r"Refusing to load the value 'extra.payload'.*weights_only"):
         CheckpointManager(url2, Runtime()).load(1, {**objects(), "extra": {}})
     assert not marker.exists()

@@ -100,10 +100,12 @@ class CheckpointManager:
         folder = layout.step_dirname(step)
         url = self.storage.url_of(folder)
         local_error: str | None = None
+        config_error: str | None = None  # found now rather than as a refusal at resume time
         sd: dict[str, Any] = {}
         writer: Any = None
         try:
             sd = state_mod.to_save(entries, per_rank, self.runtime.rank)
+            config_error = state_mod.unloadable(sd)
             if self.async_save:
                 sd = state_mod.stage(sd)  # the only part of an async save the loop waits for
             writer = self._writer(url)
@@ -112,16 +114,19 @@ class CheckpointManager:
         except Exception as e:
             local_error = str(self.storage.error(f"prepare step {step} for", e, url))
         plan = "write"
-        if self.runtime.is_main and local_error is None:
+        if self.runtime.is_main and local_error is None and config_error is None:
             try:
                 plan = self._prepare_folder(folder)
             except Exception as e:
                 local_error = str(self.storage.error(f"prepare the folder for step {step} at", e, url))
-        gathered = self.runtime.all_gather_object((local_error, plan))
-        errors = [err for err, _ in gathered if err]
+        gathered = self.runtime.all_gather_object((local_error, config_error, plan))
+        config_errors = [c for _, c, _ in gathered if c]
+        if config_errors:
+            raise ConfigError(config_errors[0])  # a bug in what is saved: warn mode would repeat it forever
+        errors = [err for err, _, _ in gathered if err]
         if errors:
             return self._failed(errors[0])
-        if gathered[0][1] == "exists":
+        if gathered[0][2] == "exists":
             if self.runtime.is_main:
                 log.warning("Checkpoint %s is already committed; keeping it and skipping this save.", url)
             return True

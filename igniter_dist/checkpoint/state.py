@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -100,6 +101,41 @@ def to_save(entries: list[Entry], per_rank: dict[str, Any], rank: int) -> dict[s
     # `rank` marks the entry as present even when the per-rank state is empty.
     sd[per_rank_key(rank)] = {"rank": rank, "state": per_rank}
     return sd
+
+
+_WEIGHTS_ONLY_LEAVES = (type(None), bool, int, float, complex, str, bytes, bytearray, torch.dtype, torch.Size,
+                        torch.device, torch.layout)
+
+
+def unloadable(sd: dict[str, Any]) -> str | None:
+    """A sentence naming the first value that `torch.load(weights_only=True)` would refuse, or None."""
+
+    def walk(value: Any, where: str) -> str | None:
+        if isinstance(value, torch.Tensor) or type(value) in _WEIGHTS_ONLY_LEAVES:
+            return None
+        if type(value) in (dict, OrderedDict):
+            for k, v in value.items():
+                found = walk(v, f"{where}[{k!r}]")
+                if found:
+                    return found
+            return None
+        if type(value) in (list, tuple, set):
+            for i, v in enumerate(value):
+                found = walk(v, f"{where}[{i}]")
+                if found:
+                    return found
+            return None
+        kind = f"{type(value).__module__}.{type(value).__qualname__}"
+        return (f"Cannot checkpoint {where}: a {kind} would not load back under weights_only; store it as a "
+                "tensor or as plain numbers, strings, lists, tuples and dicts.")
+
+    for name, value in sd.items():
+        if name.startswith(PER_RANK_PREFIX):
+            name, value = "per_rank", value.get("state", {})
+        found = walk(value, name)
+        if found:
+            return found
+    return None
 
 
 def stage(value: Any) -> Any:
