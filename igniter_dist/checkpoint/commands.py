@@ -6,6 +6,7 @@ Exit codes: 0 done; 1 `verify` found problems; 3 the checkpoint could not be fou
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from typing import Any
@@ -110,8 +111,7 @@ def _tensors(root: Storage, folder: layout.Folder) -> list[dict[str, Any]]:
     from .safe_load import load_metadata
 
     url = root.url_of(folder.name)
-    with root.fs.open(root.path_of(folder.name, layout.DCP_METADATA), "rb") as f:
-        metadata = load_metadata(f, url)
+    metadata = load_metadata(io.BytesIO(root.read_bytes(folder.name, layout.DCP_METADATA)), url)
     out = []
     for key, md in sorted(metadata.state_dict_metadata.items()):
         if isinstance(md, TensorStorageMetadata):
@@ -184,8 +184,7 @@ def verify(root: Storage, folder: layout.Folder, *, full: bool = False) -> list[
     if problems:
         return problems
     try:
-        with root.fs.open(root.path_of(folder.name, layout.DCP_METADATA), "rb") as f:
-            metadata = load_metadata(f, url)
+        metadata = load_metadata(io.BytesIO(root.read_bytes(folder.name, layout.DCP_METADATA)), url)
     except IgniterError as e:
         return [str(e)]
     for info in (metadata.storage_data or {}).values():

@@ -62,8 +62,7 @@ def consolidate(step_url: str, key: str = "model") -> dict[str, Any]:
     if not storage.exists(layout.MANIFEST):
         raise CheckpointError(f"{step_url} is not a committed checkpoint (it has no {layout.MANIFEST}).")
     try:
-        with storage.fs.open(storage.path_of(layout.DCP_METADATA), "rb") as f:
-            metadata = load_metadata(f, step_url)
+        metadata = load_metadata(io.BytesIO(storage.read_bytes(layout.DCP_METADATA)), step_url)
     except IgniterError:
         raise
     except Exception as e:

@@ -8,6 +8,7 @@ never leaves a half-deleted folder that looks committed.
 
 from __future__ import annotations
 
+import io
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -98,28 +99,14 @@ class CheckpointManager:
         self.wait()
         entries = state_mod.classify(state)  # ConfigError, the same on every rank: a bug, not an outage
         folder = layout.step_dirname(step)
-        url = self.storage.url_of(folder)
-        local_error: str | None = None
-        config_error: str | None = None  # found now rather than as a refusal at resume time
-        sd: dict[str, Any] = {}
-        writer: Any = None
-        try:
-            sd = state_mod.to_save(entries, per_rank, self.runtime.rank)
-            config_error = state_mod.unloadable(sd)
-            if self.async_save:
-                sd = state_mod.stage(sd)  # the only part of an async save the loop waits for
-            writer = self._writer(url)
-        except IgniterError as e:
-            local_error = str(e)
-        except Exception as e:
-            local_error = str(self.storage.error(f"prepare step {step} for", e, url))
+        sd, writer, error, config_error = self._build(step, entries, per_rank)
         plan = "write"
-        if self.runtime.is_main and local_error is None and config_error is None:
+        if self.runtime.is_main and error is None and config_error is None:
             try:
                 plan = self._prepare_folder(folder)
             except Exception as e:
-                local_error = str(self.storage.error(f"prepare the folder for step {step} at", e, url))
-        gathered = self.runtime.all_gather_object((local_error, config_error, plan))
+                error = str(self.storage.error(f"prepare the folder for step {step} at", e, self.url_of(step)))
+        gathered = self.runtime.all_gather_object((error, config_error, plan))
         config_errors = [c for _, c, _ in gathered if c]
         if config_errors:
             raise ConfigError(config_errors[0])  # a bug in what is saved: warn mode would repeat it forever
@@ -128,7 +115,7 @@ class CheckpointManager:
             return self._failed(errors[0])
         if gathered[0][2] == "exists":
             if self.runtime.is_main:
-                log.warning("Checkpoint %s is already committed; keeping it and skipping this save.", url)
+                log.warning("Checkpoint %s is already committed; keeping it and skipping this save.", self.url_of(step))
             return True
         job = (step, sd, writer, dict(manifest), dict(metrics or {}))
         if self._executor is not None:
@@ -157,6 +144,22 @@ class CheckpointManager:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+
+    def _build(self, step: int, entries: list[state_mod.Entry], per_rank: dict[str, Any]
+               ) -> tuple[dict[str, Any], Any, str | None, str | None]:
+        """This rank's state dict (copied off the device when async) and DCP writer; or the
+        storage error, or the config error (a value that would not load back)."""
+        url = self.url_of(step)
+        try:
+            sd = state_mod.to_save(entries, per_rank, self.runtime.rank)
+            config_error = state_mod.unloadable(sd)
+            if self.async_save:
+                sd = state_mod.stage(sd)  # the only part of an async save the loop waits for
+            return sd, self._writer(url), None, config_error
+        except IgniterError as e:
+            return {}, None, str(e), None
+        except Exception as e:
+            return {}, None, str(self.storage.error(f"prepare step {step} for", e, url)), None
 
     def _writer(self, url: str) -> Any:
         FsspecWriter, _ = fsspec_io()
@@ -279,8 +282,7 @@ class CheckpointManager:
 
         error = None
         try:
-            with self.storage.fs.open(self.storage.path_of(folder, layout.DCP_METADATA), "rb") as f:
-                metadata = load_metadata(f, url)
+            metadata = load_metadata(io.BytesIO(self.storage.read_bytes(folder, layout.DCP_METADATA)), url)
             template = state_mod.load_template(entries, metadata, self.runtime.rank, url)
         except IgniterError as e:
             error = str(e)
