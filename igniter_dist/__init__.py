@@ -12,12 +12,13 @@ from .metrics import Metric
 from .runtime import Runtime, prepare, runtime
 from .signals import Interrupted
 from .spec import RunSpec
+from .steps import SchedulerSpec, StepOptions, supervised_eval_step, supervised_step
 from .training import evaluate, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ConfigError", "Engine", "Every", "IgniterError", "Interrupted", "Metric", "RunSpec",
-    "Runtime", "StepOutputError", "evaluate", "igniter_main", "parser_for_docs", "prepare", "runtime",
-    "train", "train_kwargs",
+    "Runtime", "SchedulerSpec", "StepOptions", "StepOutputError", "evaluate", "igniter_main", "parser_for_docs",
+    "prepare", "runtime", "supervised_eval_step", "supervised_step", "train", "train_kwargs",
 ]

@@ -143,6 +143,20 @@ def build_parser(
     t.add_argument("--seed", type=int, default=1, help="Seed for model init, shuffling and every rank's RNGs.")
     t.add_argument("--eval-every", type=parse_every, default=Every(1),
                    help="Evaluate every N epochs (2, 2epochs) or N iterations (500steps); 0 never.")
+    t.add_argument("--precision", choices=["32", "bf16-mixed", "16-mixed"], default="32",
+                   help="32: full precision; bf16-mixed / 16-mixed: autocast (16-mixed adds a checkpointed GradScaler).")
+    t.add_argument("--accumulate-grad-batches", type=positive_int, default=1,
+                   help="Micro-batches per optimizer step; DDP all-reduces only on the last one (engine.backward/optimizer_step).")
+    t.add_argument("--grad-clip-norm", type=positive_float, default=None,
+                   help="Clip the total gradient norm of each optimizer step to this value.")
+    t.add_argument("--grad-clip-value", type=positive_float, default=None,
+                   help="Clip every gradient element to [-value, value].")
+    t.add_argument("--compile", type=parse_bool, default=False, help="torch.compile the model in ig.prepare.")
+    t.add_argument("--deterministic", type=parse_bool, default=False,
+                   help="Use deterministic algorithms only (and set CUBLAS_WORKSPACE_CONFIG).")
+    t.add_argument("--debug", type=parse_bool, default=False,
+                   help="A fast check of the whole script: 2 epochs of a few batches, a checkpoint round trip, "
+                        "anomaly detection, replica agreement and summaries.")
 
     d = p.add_argument_group("distributed")
     d.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N; each rank binds cuda:<local_rank>.")
@@ -246,4 +260,9 @@ def train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "output_dir": args.output_dir,
         "model_dir": args.model_dir,
         "mlflow": MlflowConfig.from_args(args),
+        "precision": args.precision,
+        "accumulate_grad_batches": args.accumulate_grad_batches,
+        "grad_clip_norm": args.grad_clip_norm,
+        "grad_clip_value": args.grad_clip_value,
+        "debug": args.debug,
     }

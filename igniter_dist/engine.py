@@ -23,6 +23,7 @@ from .metrics import MetricSet
 from .runtime import Runtime
 from .signals import Interrupted, StopFlag
 from .spec import RunSpec
+from .steps import GradientStepper, SchedulerSpec, StepOptions
 from .tracking.base import NullSink, Progress, Sink
 
 
@@ -53,6 +54,7 @@ class Loop:
     loader: Any
     metrics: MetricSet
     epoch_length: int | None
+    max_batches: int | None = None  # evaluation: read at most this many batches (debug mode)
 
 
 class Engine:
@@ -60,7 +62,8 @@ class Engine:
 
     def __init__(self, *, runtime: Runtime, train: Loop, evaluators: dict[str, Loop], schedule: Schedule,
                  to_save: Mapping[str, Any], sinks: Sink | None = None, checkpoints: Any = None,
-                 stop: StopFlag | None = None, seed: int = 1):
+                 stop: StopFlag | None = None, seed: int = 1, step_options: StepOptions | None = None,
+                 debug: Any = None):
         self.runtime = runtime
         self.train_loop = train
         self.evaluators = evaluators
@@ -70,6 +73,10 @@ class Engine:
         self.checkpoints = checkpoints  # CheckpointSession | None
         self.stop = stop or StopFlag(runtime.distributed)
         self.seed = seed
+        modules = [m for m in self.to_save.values() if isinstance(m, nn.Module)]
+        self.stepper = GradientStepper(step_options or StepOptions(), runtime.device, modules)
+        self.schedulers = [s for s in self.to_save.values() if isinstance(s, SchedulerSpec)]
+        self.debug = debug  # DebugChecks | None: replica agreement and a checkpoint round trip
         self.state = EngineState()
         self.metrics: dict[str, float] = {}  # the latest value of every logged metric
         self._last_save = time.monotonic()
@@ -84,7 +91,7 @@ class Engine:
         self._step_times.start(self.state.step)
         while self.state.epoch < self.schedule.max_epochs:
             for batch in self._train_batches():
-                output = self._call(self.train_loop, batch)
+                output = self._train_step(batch)
                 self.train_loop.metrics.update(output, batch_size(batch))
                 self.state.step += 1
                 self.state.iteration += 1
@@ -103,6 +110,9 @@ class Engine:
 
     def _after_step(self, save_due: bool) -> None:
         s, sched = self.state, self.schedule
+        self._step_schedulers("step")
+        if self.debug is not None:
+            self.debug.after_step(self)
         if s.step % sched.log_every == 0:
             self._log_train()
         if sched.eval_every.due(s.step, s.epoch, epoch_ended=False):
@@ -112,6 +122,7 @@ class Engine:
 
     def _after_epoch(self) -> None:
         s, sched = self.state, self.schedule
+        self._step_schedulers("epoch")
         self._log_train(epoch_end=True)
         last = s.epoch == sched.max_epochs
         if sched.eval_every.due(s.step, s.epoch, epoch_ended=True) or (last and self.evaluators):
@@ -141,6 +152,31 @@ class Engine:
         for batch in batches:
             yield to_device(batch, rt.device)
 
+    def _train_step(self, batch: Any) -> Mapping[str, Any]:
+        with self.stepper.micro_step(self.state.iteration, self.train_loop.epoch_length):
+            return self._call(self.train_loop, batch)
+
+    def _step_schedulers(self, interval: str) -> None:
+        if interval == "step" and not self.stepper.boundary:
+            return  # mid accumulation window: no optimizer step was taken
+        for spec in self.schedulers:
+            if spec.interval == interval:
+                spec.scheduler.step()
+
+    # Helpers for the user's step function.
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of `loss`: averaged over `--accumulate-grad-batches`, scaled for 16-mixed precision."""
+        self.stepper.backward(loss)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Step `optimizer` at the end of an accumulation window (unscale, clip, step, zero_grad); True if it stepped."""
+        return self.stepper.optimizer_step(optimizer)
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The `--precision` autocast context (steps already run inside it; use it for extra forwards)."""
+        return self.stepper.autocast()
+
     def _call(self, loop: Loop, batch: Any) -> Mapping[str, Any]:
         output = loop.spec.step(self, batch)
         if not isinstance(output, Mapping):
@@ -155,9 +191,11 @@ class Engine:
     def evaluate(self) -> dict[str, float]:
         """Collective: run every evaluator over its whole loader; log and return the metrics."""
         results: dict[str, float] = {}
+        if not self.evaluators:
+            return results
         for name, loop in self.evaluators.items():
-            with self._eval_mode(), torch.no_grad():
-                for batch in loop.loader:
+            with self._eval_mode(), torch.no_grad(), self.stepper.autocast():
+                for batch in islice(loop.loader, loop.max_batches):
                     batch = to_device(batch, self.runtime.device)
                     loop.metrics.update(self._call(loop, batch), batch_size(batch), where=name)
             results.update({f"{name}/{k}": v for k, v in loop.metrics.compute().items()})
@@ -228,7 +266,9 @@ class Engine:
         """Collective: every rank saves the same step (no-op without a checkpoint dir)."""
         self._last_save = time.monotonic()
         if self.checkpoints is not None:
-            self.checkpoints.save(self)
+            committed = self.checkpoints.save(self)
+            if committed and self.debug is not None:
+                self.debug.after_save(self)
 
     def _progress(self) -> Progress:
         s = self.state

@@ -29,14 +29,19 @@ def igniter_main(
     """
     code = 0
     rank_prefix = ""
+    agreed_exit = False
     try:
         args = parse_args(build_parser(inputs, argparse_callback, description), argv)
-        rt = init_runtime(device=args.device, timeout_s=args.dist_timeout)
+        rt = init_runtime(device=args.device, timeout_s=args.dist_timeout,
+                          find_unused_parameters=args.find_unused_parameters, sync_batchnorm=args.sync_batchnorm,
+                          compile=args.compile, deterministic=args.deterministic, debug=args.debug)
         rank_prefix = f"[rank {rt.rank}] " if rt.distributed else ""
         seed_everything(args.seed)  # identical model initialisation on every rank
         main(args)
+        agreed_exit = True
     except Interrupted as e:
         code = e.exit_code
+        agreed_exit = True  # every rank stopped on the same step
         print(f"{rank_prefix}igniter-dist: {e}; exiting with {code}", file=sys.stderr, flush=True)
     except IgniterError as e:
         code = e.exit_code
@@ -47,7 +52,7 @@ def igniter_main(
         traceback.print_exc()
         code = 1
     finally:
-        shutdown_runtime()
+        shutdown_runtime(barrier=agreed_exit)
     sys.exit(code)
 
 

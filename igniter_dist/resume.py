@@ -29,8 +29,12 @@ class RunCheckpoints:
         self.to_save = dict(to_save)
         self.manifest = manifest  # run-level extras: redacted args, run id
 
-    def _state(self, engine: Engine) -> dict[str, Any]:
-        return {**self.to_save, "engine": engine}
+    def state(self, engine: Engine) -> dict[str, Any]:
+        """Everything saved and loaded for `engine`: `to_save`, the engine, the loss scaler."""
+        state = {**self.to_save, "engine": engine}
+        if engine.stepper.scaler is not None:  # 16-mixed: the loss scale must survive a resume
+            state["grad_scaler"] = engine.stepper.scaler
+        return state
 
     def save(self, engine: Engine) -> bool:
         """Collective: save the engine's current step on every rank; True once committed."""
@@ -38,7 +42,7 @@ class RunCheckpoints:
         manifest = {**self.manifest, "epoch": engine.state.epoch, "iteration": engine.state.iteration}
         if engine.sinks.run_id:
             manifest["tracking_run_id"] = engine.sinks.run_id
-        committed = self.manager.save(engine.state.step, self._state(engine), per_rank=per_rank,
+        committed = self.manager.save(engine.state.step, self.state(engine), per_rank=per_rank,
                                       manifest=manifest, metrics=dict(engine.metrics))
         if committed:
             engine.sinks.set_tag("checkpoint", self.manager.url_of(engine.state.step))
@@ -51,7 +55,7 @@ class RunCheckpoints:
         if step is None:
             seed_everything(seed + self.runtime.rank)
             return False
-        result = self.manager.load(step, self._state(engine))
+        result = self.manager.load(step, self.state(engine))
         if result.per_rank is not None:
             set_rng_state(result.per_rank["rng"])
             engine.train_loop.metrics.load_state_dict(result.per_rank["train_metrics"])

@@ -32,6 +32,11 @@ class Runtime:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str | None = None
     kind: EnvironmentKind = "single"
+    # How `prepare` wraps models when the script does not say (from the flags of the same names).
+    find_unused_parameters: bool = False
+    sync_batchnorm: bool = False
+    compile: bool = False
+    debug: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -124,11 +129,17 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
     )
 
 
-def init_runtime(device: str = "auto", timeout_s: float = 1800.0) -> Runtime:
+def init_runtime(device: str = "auto", timeout_s: float = 1800.0, *, find_unused_parameters: bool = False,
+                 sync_batchnorm: bool = False, compile: bool = False, deterministic: bool = False,
+                 debug: bool = False) -> Runtime:
     """Read the launcher's variables, bind the device and start the process group if needed."""
     global _current
     if _current is not None:
         return _current
+    if deterministic:
+        set_deterministic()
+    if debug:  # DDP and c10d explain mismatched collectives and unused parameters
+        os.environ.setdefault("TORCH_DISTRIBUTED_DEBUG", "DETAIL")
     kind = _detect_kind()
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
@@ -158,8 +169,19 @@ def init_runtime(device: str = "auto", timeout_s: float = 1800.0) -> Runtime:
         device=dev,
         backend=backend,
         kind=kind,
+        find_unused_parameters=find_unused_parameters,
+        sync_batchnorm=sync_batchnorm,
+        compile=compile,
+        debug=debug,
     )
     return _current
+
+
+def set_deterministic() -> None:
+    """Deterministic algorithms everywhere; cuBLAS needs its workspace set before CUDA starts."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
 
 
 def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dict[str, Any]:
@@ -177,10 +199,16 @@ def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> d
             "world_size": world_size}
 
 
-def shutdown_runtime() -> None:
-    """Destroy the process group (if this module started one) and forget the runtime."""
+def shutdown_runtime(barrier: bool = False) -> None:
+    """Destroy the process group and forget the runtime.
+
+    With `barrier` (a collective: only when every rank ends the same way) ranks leave together, so no
+    rank tears its connections down while a peer's transport still reads from them.
+    """
     global _current
     if dist.is_available() and dist.is_initialized():
+        if barrier and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
     _current = None
 
@@ -202,16 +230,24 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def prepare(
-    model: nn.Module, find_unused_parameters: bool = False, sync_batchnorm: bool = False
+    model: nn.Module,
+    find_unused_parameters: bool | None = None,
+    sync_batchnorm: bool | None = None,
+    compile: bool | None = None,
 ) -> nn.Module:
-    """Move `model` to this rank's device and wrap it in DistributedDataParallel when world_size > 1."""
+    """Move `model` to this rank's device, wrap it in DDP when world_size > 1, optionally compile it.
+
+    Options left as None follow the flags `--find-unused-parameters`, `--sync-batchnorm` and
+    `--compile`.
+    """
     rt = runtime()
-    if sync_batchnorm and rt.distributed:
+    unused = rt.find_unused_parameters if find_unused_parameters is None else find_unused_parameters
+    if (rt.sync_batchnorm if sync_batchnorm is None else sync_batchnorm) and rt.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(rt.device)
-    if not rt.distributed:
-        return model
-    device_ids = [rt.device.index] if rt.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(
-        model, device_ids=device_ids, find_unused_parameters=find_unused_parameters
-    )
+    if rt.distributed:
+        device_ids = [rt.device.index] if rt.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=unused)
+    if rt.compile if compile is None else compile:
+        model = torch.compile(model)  # type: ignore[assignment]
+    return model

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
+import time
 from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from . import debug
 from .args import Every, parse_every, redact
 from .data import shard_eval_loader, shard_train_loader
 from .engine import Engine, Loop, Schedule, check_epoch_length
@@ -19,7 +22,9 @@ from .metrics import MetricSet
 from .resume import RunCheckpoints
 from .runtime import Runtime, runtime, unwrap
 from .signals import Interrupted, StopFlag
+from .debug import DebugChecks
 from .spec import RunSpec
+from .steps import StepOptions
 from .tracking.base import RunInfo, Sink
 
 
@@ -46,6 +51,11 @@ def train(
     parameters: Mapping[str, Any] | None = None,
     mlflow: Any = None,
     console: bool = True,
+    precision: str = "32",
+    accumulate_grad_batches: int = 1,
+    grad_clip_norm: float | None = None,
+    grad_clip_value: float | None = None,
+    debug: bool = False,
 ) -> dict[str, float]:
     """Train `to_save`'s model with `train_spec`, evaluating with `eval_spec`; returns the final metrics.
 
@@ -54,6 +64,8 @@ def train(
     """
     rt = runtime()
     _check_prepared(to_save, rt)
+    step_options = StepOptions(precision=precision, accumulate_grad_batches=accumulate_grad_batches,  # type: ignore[arg-type]
+                               grad_clip_norm=grad_clip_norm, grad_clip_value=grad_clip_value)
     if max_epochs is not None:
         train_spec.max_epochs = max_epochs
     if epoch_length is not None:
@@ -64,12 +76,16 @@ def train(
                         save_every_minutes=save_every_minutes)
     train_loop = _train_loop(train_spec, rt, seed)
     evaluators = {name: _eval_loop(name, spec, rt) for name, spec in _named(eval_spec).items()}
+    checks = None
+    if debug or rt.debug:
+        schedule, checkpoint_dir, resume, checks = _debug_mode(rt, to_save, train_loop, evaluators, output_dir)
     sinks = _sinks(rt, output_dir, console, mlflow)
     checkpoints = _checkpoints(rt, to_save, checkpoint_dir, output_dir, params, n_saved=n_saved,
                                keep_best=keep_best, async_save=async_checkpoint, on_error=on_checkpoint_error)
     stop = StopFlag(rt.distributed, group=_host_group(rt))
     engine = Engine(runtime=rt, train=train_loop, evaluators=evaluators, schedule=schedule, to_save=to_save,
-                    sinks=sinks, checkpoints=checkpoints, stop=stop, seed=seed)
+                    sinks=sinks, checkpoints=checkpoints, stop=stop, seed=seed, step_options=step_options,
+                    debug=checks)
     status = "FAILED"
     stop.install()
     try:
@@ -129,6 +145,21 @@ def evaluate(
 
 
 # ---------------------------------------------------------------- assembly
+
+
+def _debug_mode(rt: Runtime, to_save: Mapping[str, Any], train_loop: Loop, evaluators: dict[str, Loop],
+                output_dir: str | None) -> tuple[Schedule, str, bool, DebugChecks]:
+    """Shrink the run to a few batches and two epochs, in a fresh checkpoint folder, with anomaly detection."""
+    train_loop.epoch_length = min(train_loop.epoch_length or debug.TRAIN_BATCHES, debug.TRAIN_BATCHES)
+    for loop in evaluators.values():
+        loop.max_batches = debug.EVAL_BATCHES
+    torch.autograd.set_detect_anomaly(True)
+    stamp = rt.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
+    folder = os.path.join(output_dir or tempfile.gettempdir(), "debug", stamp, "checkpoints")
+    if rt.is_main:
+        print(debug.summaries(rt, to_save, train_loop, evaluators), file=sys.stderr, flush=True)
+    schedule = Schedule(max_epochs=debug.EPOCHS, log_every=1, eval_every=Every(1), save_every=Every(1))
+    return schedule, folder, False, debug.DebugChecks(rt)
 
 
 def _check_prepared(to_save: Mapping[str, Any], rt: Runtime) -> None:

@@ -57,6 +57,7 @@ def main(args):
     model = ig.prepare(nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 2)))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
     seen: list[int] = []
+    engine_scaler = [None]
 
     fired = []
 
@@ -71,11 +72,16 @@ def main(args):
     def train_step(engine, batch):
         x, y, idx = batch
         seen.extend(idx.tolist())
+        engine_scaler[0] = engine.stepper.scaler
         model.train()
-        optimizer.zero_grad()
         loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
+        if args.engine_helpers:  # precision, accumulation and clipping handled by the engine
+            engine.backward(loss)
+            engine.optimizer_step(optimizer)
+        else:
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
         maybe_interrupt(engine.state.step + 1, "train")
         return {"loss": loss}
 
@@ -93,7 +99,9 @@ def main(args):
     )
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     with open(os.path.join(args.report_dir, f"rank{rt.rank}_attempt{attempt}_{os.getpid()}.json"), "w") as f:
-        json.dump({"digest": state_digest(model, optimizer), "seen": seen, "metrics": metrics}, f)
+        scaler = engine_scaler[0]
+        json.dump({"digest": state_digest(model, optimizer), "seen": seen, "metrics": metrics,
+                   "scaler": scaler.state_dict() if scaler is not None else None}, f)
 
 
 def flags(parser):
@@ -104,6 +112,7 @@ def flags(parser):
     parser.add_argument("--interrupt-signal", default="TERM", choices=["TERM", "INT", "KILL"])
     parser.add_argument("--interrupt-rank", type=int, default=0)
     parser.add_argument("--count-reads", type=parse_bool, default=False)
+    parser.add_argument("--engine-helpers", type=parse_bool, default=False)
     parser.set_defaults(workers=0, batch_size=4, max_epochs=3, learning_rate=0.01, log_every=5)
 
 

@@ -1,0 +1,157 @@
+"""What a training step needs to be correct under DDP: precision, accumulation, clipping.
+
+The engine owns one `GradientStepper`; user steps reach it through `engine.backward(loss)`,
+`engine.optimizer_step(optimizer)` and `engine.autocast()`. Plain `loss.backward()` and
+`optimizer.step()` keep working for the simple case (full precision, no accumulation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+Precision = Literal["32", "bf16-mixed", "16-mixed"]
+PRECISIONS: tuple[str, ...] = ("32", "bf16-mixed", "16-mixed")
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """How optimizer steps are taken; each field is one flag."""
+
+    precision: Precision = "32"
+    accumulate_grad_batches: int = 1
+    grad_clip_norm: float | None = None
+    grad_clip_value: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision {self.precision!r} is not supported; use one of {', '.join(PRECISIONS)}.")
+        if self.accumulate_grad_batches < 1:
+            raise ConfigError(f"--accumulate-grad-batches must be at least 1, got {self.accumulate_grad_batches}.")
+        for flag, v in (("--grad-clip-norm", self.grad_clip_norm), ("--grad-clip-value", self.grad_clip_value)):
+            if v is not None and not v > 0:
+                raise ConfigError(f"{flag} must be a positive number, got {v}.")
+
+
+class GradientStepper:
+    """Autocast, loss scaling, accumulation with `no_sync`, clipping: one object, state in checkpoints."""
+
+    def __init__(self, options: StepOptions, device: torch.device, modules: list[nn.Module]):
+        self.options = options
+        self.device = device
+        self.ddp_modules = [m for m in modules if isinstance(m, nn.parallel.DistributedDataParallel)]
+        dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(options.precision)
+        self.autocast_dtype = dtype
+        self.scaler = torch.amp.GradScaler(device.type) if options.precision == "16-mixed" else None
+        self.boundary = True  # whether the current micro-step ends an accumulation window
+
+    @property
+    def accumulating(self) -> bool:
+        return self.options.accumulate_grad_batches > 1
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @contextlib.contextmanager
+    def micro_step(self, iteration: int, epoch_length: int | None) -> Iterator[None]:
+        """Around one training step: autocast, and DDP's `no_sync` unless it ends a window."""
+        k = self.options.accumulate_grad_batches
+        last_of_epoch = epoch_length is not None and iteration + 1 >= epoch_length
+        self.boundary = k == 1 or (iteration + 1) % k == 0 or last_of_epoch
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self.autocast())
+            if not self.boundary:  # gradients stay local until the window's last micro-step
+                for m in self.ddp_modules:
+                    stack.enter_context(m.no_sync())
+            yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of `loss`, averaged over the accumulation window and scaled for fp16."""
+        if self.accumulating:
+            loss = loss / self.options.accumulate_grad_batches
+        if self.scaler is not None:
+            loss = self.scaler.scale(loss)
+        with torch.autocast(self.device.type, enabled=False):  # backward runs outside autocast
+            loss.backward()
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """At a window boundary: unscale, clip, step, update the scaler, zero grads. True when stepped."""
+        if not self.boundary:
+            return False
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if self.scaler is not None and (self.options.grad_clip_norm or self.options.grad_clip_value):
+            self.scaler.unscale_(optimizer)
+        if self.options.grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_(params, self.options.grad_clip_norm)  # no host sync: norm not read
+        if self.options.grad_clip_value:
+            torch.nn.utils.clip_grad_value_(params, self.options.grad_clip_value)
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return True
+
+
+@dataclass
+class SchedulerSpec:
+    """An LR scheduler the engine steps for you, every optimizer step or every epoch, and checkpoints.
+
+    Put it in `to_save`: `{"scheduler": ig.SchedulerSpec(torch.optim.lr_scheduler.StepLR(opt, 10), "epoch")}`.
+    """
+
+    scheduler: Any
+    interval: Literal["step", "epoch"] = "epoch"
+
+    def __post_init__(self) -> None:
+        if self.interval not in ("step", "epoch"):
+            raise ConfigError(f"SchedulerSpec interval must be 'step' or 'epoch', got {self.interval!r}.")
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.scheduler.load_state_dict(dict(state))
+
+
+def supervised_step(model: nn.Module, criterion: Callable[..., torch.Tensor],
+                    optimizer: torch.optim.Optimizer) -> Callable[[Engine, Any], dict[str, Any]]:
+    """A ready training step for `(inputs, targets)` batches: forward, loss, backward, optimizer step.
+
+    Precision, accumulation and clipping follow the flags through the engine's helpers.
+    """
+
+    def step(engine: Engine, batch: Any) -> dict[str, Any]:
+        inputs, targets = batch[0], batch[1]
+        model.train()
+        outputs = model(inputs)
+        loss = criterion(outputs, targets)
+        engine.backward(loss)
+        engine.optimizer_step(optimizer)
+        return {"loss": loss.detach(), "outputs": outputs.detach(), "targets": targets}
+
+    return step
+
+
+def supervised_eval_step(model: nn.Module, criterion: Callable[..., torch.Tensor]) -> Callable[[Engine, Any], dict[str, Any]]:
+    """A ready evaluation step for `(inputs, targets)` batches: outputs, targets and loss."""
+
+    def step(engine: Engine, batch: Any) -> dict[str, Any]:
+        inputs, targets = batch[0], batch[1]
+        outputs = model(inputs)
+        return {"loss": criterion(outputs, targets), "outputs": outputs, "targets": targets}
+
+    return step
