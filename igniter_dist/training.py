@@ -91,7 +91,7 @@ def train(
     try:
         resumed = checkpoints.resume(engine, seed) if (checkpoints and resume) else _fresh(seed, rt)
         run_id = rt.broadcast_object(checkpoints.manifest.get("tracking_run_id") if checkpoints else None)
-        sinks.start(RunInfo(params=params, tags=_tags(rt), output_dir=output_dir,
+        sinks.start(RunInfo(params=params, output_dir=output_dir,
                             resumed_step=engine.state.step if resumed else 0, run_id=run_id))
         if resumed and engine.state.epoch >= schedule.max_epochs:
             _say(rt, f"igniter-dist: this run already finished {engine.state.epoch} epochs "
@@ -243,11 +243,6 @@ def _fresh(seed: int, rt: Runtime) -> bool:
 
     seed_everything(seed + rt.rank)
     return False
-
-
-def _tags(rt: Runtime) -> dict[str, str]:
-    return {"world_size": str(rt.world_size), "nodes": str(rt.num_nodes), "device": rt.device.type,
-            "torch": torch.__version__, "environment": rt.kind}
 
 
 def _say(rt: Runtime, message: str) -> None:
