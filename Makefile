@@ -15,6 +15,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: venv
+	rm -rf runs/demo
 	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 examples/digits/train.py --max-epochs 10 --checkpoint-dir runs/demo/checkpoints --output-dir runs/demo/output --model-dir runs/demo/model
 
 test: venv

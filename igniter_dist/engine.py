@@ -7,6 +7,8 @@ no event bus. `Engine.run` is the whole training loop and reads top to bottom.
 from __future__ import annotations
 
 import contextlib
+import signal
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -98,8 +100,7 @@ class Engine:
                 self.sinks.progress(self._progress())
                 signum, save_due = self.stop.poll(self._time_to_save())  # collective, overlapped
                 if signum:
-                    self._save()
-                    raise Interrupted(signum)
+                    self._emergency_save(signum)
                 self._after_step(save_due)
             self.state.epoch += 1
             self.state.iteration = 0
@@ -269,6 +270,18 @@ class Engine:
             committed = self.checkpoints.save(self)
             if committed and self.debug is not None:
                 self.debug.after_save(self)
+
+    def _emergency_save(self, signum: int) -> None:
+        """Collective: save the agreed step, say how long it took (launchers kill after a grace period)."""
+        start = time.perf_counter()
+        self._save()
+        if self.checkpoints is not None:
+            self.checkpoints.manager.wait()
+            if self.runtime.is_main:
+                print(f"igniter-dist: saved step {self.state.step} in {time.perf_counter() - start:.2f} s after "
+                      f"{signal.Signals(signum).name}", file=sys.stderr, flush=True)
+        self.sinks.flush()
+        raise Interrupted(signum)
 
     def _progress(self) -> Progress:
         s = self.state

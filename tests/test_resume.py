@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -123,3 +124,16 @@ def test_sigkill_at_random_moments_of_saving_never_breaks_resume(tmp_path, refer
         second = check(torchrun(PROBE, probe_args(folder, "second", "--save-every", "1steps", "--n-saved", "2")))
         assert "resumed from" in second.stderr or not committed_steps(folder / "ckpt")
         assert {r["digest"] for r in final_reports(folder / "second")} == {reference}, f"trial {trial}"
+
+
+def test_time_based_saves_happen_mid_epoch(tmp_path):
+    check(python(PROBE, probe_args(tmp_path, "a", "--save-every", "0", "--save-every-minutes", "0.0001",
+                                   "--max-epochs", "1", "--n-saved", "50")))
+    steps = committed_steps(tmp_path / "ckpt")
+    assert len(steps) >= 3 and any(s % 12 for s in steps)  # saves between epoch ends, not only at the end
+
+
+def test_emergency_save_reports_its_duration(tmp_path):
+    result = python(PROBE, probe_args(tmp_path, "a", "--interrupt-at", "4"))
+    assert result.returncode == 143
+    assert re.search(r"saved step 4 in [0-9.]+ s after SIGTERM", result.stderr), result.stderr[-2000:]
