@@ -1,0 +1,45 @@
+"""On one CUDA GPU: train the digits model with bf16-mixed and torch.compile, and turn on
+`torch.cuda.set_sync_debug_mode("error")` for steady-state steps, so any host-device
+synchronisation the engine issues per step raises. Logging, evaluation and saving (which read
+values back by design) are scheduled outside the checked window.
+
+    python scripts/gpu_sync_check.py --device cuda --precision bf16-mixed --compile true
+"""
+
+import os
+import sys
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples", "digits"))
+import igniter_dist as ig  # noqa: E402
+from train import datasets  # noqa: E402
+
+WARMUP, CHECKED = 20, 40
+
+
+def main(args):
+    train_set, _ = datasets(args.data)
+    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, pin_memory=True, drop_last=True)
+    model = ig.prepare(nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)))
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
+    step = ig.supervised_step(model, nn.functional.cross_entropy, optimizer)
+
+    def checked_step(engine, batch):
+        if engine.state.step == WARMUP:
+            torch.cuda.set_sync_debug_mode("error")
+        if engine.state.step == WARMUP + CHECKED:
+            torch.cuda.set_sync_debug_mode("default")
+            print(f"no host synchronisation in steps {WARMUP}..{WARMUP + CHECKED}", flush=True)
+        return step(engine, batch)
+
+    ig.train(to_save={"model": model, "optimizer": optimizer},
+             train_spec=ig.RunSpec(step=checked_step, loader=loader, metrics={"loss": "loss"}),
+             **{**ig.train_kwargs(args), "log_every": WARMUP + CHECKED + 1, "save_every": 0, "eval_every": 0})
+
+
+if __name__ == "__main__":
+    ig.igniter_main(main, inputs={"data": "data"},
+                    argparse_callback=lambda p: p.set_defaults(max_epochs=3, batch_size=16, checkpoint_dir="none"))
