@@ -32,10 +32,11 @@ RAW = "raw"
 class StepClock:
     """Times each iteration from outside the framework under test.
 
-    `begin`/`end` bracket the user's step (forward, backward, optimizer step); a patch on the
-    DataLoader iterator times every `next(loader)`. An iteration is the interval between two
-    consecutive `begin`s; the framework's own time in it is that interval minus the step and
-    minus the loader's `next` calls that started inside it.
+    `begin`/`end` bracket the user's step (forward, backward, optimizer step); patches time every
+    `next(loader)` and every collective called from Python (`torch.distributed.*` and
+    `Work.wait`). An iteration is the interval between two consecutive `begin`s. The framework's
+    own time in it is what is left after the step and the loader's `next`; the collectives it
+    issued between steps are reported apart, as `collective_us`, and are included in `framework_us`.
     """
 
     def __init__(self) -> None:
@@ -43,6 +44,8 @@ class StepClock:
         self.ends: list[float] = []
         self.data_starts: list[float] = []
         self.data_durations: list[float] = []
+        self.coll_starts: list[float] = []
+        self.coll_durations: list[float] = []
 
     def begin(self) -> None:
         self.begins.append(time.perf_counter())
@@ -54,18 +57,23 @@ class StepClock:
         self.data_starts.append(start)
         self.data_durations.append(duration)
 
+    def collective(self, start: float, duration: float) -> None:
+        self.coll_starts.append(start)
+        self.coll_durations.append(duration)
+
     def iterations(self, skip: int) -> list[dict[str, float]]:
         """Per-iteration seconds (total, step, data, framework) after the first `skip` steps."""
         out = []
         n = min(len(self.begins), len(self.ends))
         for i in range(skip, n - 1):
-            t0, t1 = self.begins[i], self.begins[i + 1]
-            lo = bisect.bisect_left(self.data_starts, t0)
-            hi = bisect.bisect_left(self.data_starts, t1)
-            data = sum(self.data_durations[lo:hi])
-            step = self.ends[i] - t0
+            t0, t_end, t1 = self.begins[i], self.ends[i], self.begins[i + 1]
+            data = _sum_between(self.data_starts, self.data_durations, t_end, t1)
+            coll = _sum_between(self.coll_starts, self.coll_durations, t_end, t1)
+            calls = bisect.bisect_left(self.coll_starts, t1) - bisect.bisect_left(self.coll_starts, t_end)
+            step = t_end - t0
             total = t1 - t0
-            out.append({"total": total, "step": step, "data": data, "framework": total - step - data})
+            out.append({"total": total, "step": step, "data": data, "framework": total - step - data,
+                        "collective": coll, "collective_calls": calls})
         return out
 
     def summary(self, skip: int) -> dict[str, float]:
@@ -80,7 +88,15 @@ class StepClock:
             "step_us": 1e6 * statistics.median(i["step"] for i in its),
             "data_us": 1e6 * statistics.median(i["data"] for i in its),
             "framework_us": 1e6 * statistics.median(i["framework"] for i in its),
+            "collective_us": 1e6 * statistics.median(i["collective"] for i in its),
+            "framework_ex_collective_us": 1e6 * statistics.median(i["framework"] - i["collective"] for i in its),
+            "collective_calls": statistics.median(i["collective_calls"] for i in its),
         }
+
+
+def _sum_between(starts: list[float], durations: list[float], lo: float, hi: float) -> float:
+    """The total duration of the calls that started in [lo, hi) (between one step's end and the next's begin)."""
+    return sum(durations[bisect.bisect_left(starts, lo):bisect.bisect_left(starts, hi)])
 
 
 @contextmanager
@@ -103,6 +119,43 @@ def timed_loader_next(clock: StepClock) -> Iterator[None]:
         yield
     finally:
         cls.__next__ = original  # type: ignore[method-assign]
+
+
+COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce", "reduce_scatter",
+               "barrier", "all_gather_object", "broadcast_object_list", "gather_object", "monitored_barrier")
+
+
+@contextmanager
+def timed_collectives(clock: StepClock) -> Iterator[None]:
+    """Time every collective called through `torch.distributed` and every `Work.wait` (outermost call only)."""
+    import torch.distributed as dist
+
+    depth = [0]
+
+    def timed(fn: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if depth[0]:
+                return fn(*args, **kwargs)
+            depth[0] += 1
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                clock.collective(t0, time.perf_counter() - t0)
+                depth[0] -= 1
+        return wrapper
+
+    originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
+    wait = dist.Work.wait
+    for name, fn in originals.items():
+        setattr(dist, name, timed(fn))
+    dist.Work.wait = timed(wait)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+        dist.Work.wait = wait  # type: ignore[method-assign]
 
 
 # ---------------------------------------------------------------------------- rounds and ratios

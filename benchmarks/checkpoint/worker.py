@@ -1,8 +1,8 @@
 """One torchrun job: checkpoint a model + Adam state with igniter-dist and write/read the same bytes plainly.
 
 Every measurement starts and ends at a barrier, so it is the slowest rank's time; rank 0 writes
-the results. Operations alternate within each repetition (plain write, sync save, async save,
-plain read, load), so machine drift hits them alike.
+the results. Within each repetition: plain write and sync save (taking turns at going first),
+async save, plain read and load (taking turns), resume; so drift and the page cache hit them alike.
 
     torchrun --nproc-per-node 2 benchmarks/checkpoint/worker.py --url runs/bench/scratch/ckpt --out x.json
 """
@@ -144,11 +144,17 @@ def main() -> None:
     for rep in range(args.reps + 1):  # repetition 0 warms up (connections, allocations) and is dropped
         if rt.is_main and local:
             os.makedirs(f"{plain_root}/{rep}", exist_ok=True)
-        timer.time("plain_write_s", lambda: plain_write(rep))
-        timer.time("save_s", lambda: sync.save(rep, state, per_rank={}, manifest={}))
+        writes = [("plain_write_s", lambda: plain_write(rep)),
+                  ("save_s", lambda: sync.save(rep, state, per_rank={}, manifest={}))]
+        reads = [("plain_read_s", lambda: plain_read(rep)), ("load_s", lambda: sync.load(rep, state))]
+        if rep % 2:  # alternate which goes first: the page cache and the disk's write-back favour one order
+            writes.reverse()
+            reads.reverse()
+        for name, op in writes:
+            timer.time(name, op)
         async_save(rep)
-        timer.time("plain_read_s", lambda: plain_read(rep))
-        timer.time("load_s", lambda: sync.load(rep, state))
+        for name, op in reads:
+            timer.time(name, op)
         timer.time("resume_s", lambda: sync.load(sync.latest(), state))  # what a restart does: find latest, load
         if rt.is_main:
             fs.rm(f"{plain_root}/{rep}", recursive=True)

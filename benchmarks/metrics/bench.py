@@ -92,7 +92,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="One short round: a smoke check.")
     args = p.parse_args()
-    rounds, steps, warmup = (1, 60, 10) if args.quick else (6, 400, 50)
+    rounds, steps, warmup = (1, 60, 10) if args.quick else (6, 250, 30)
     torch.set_num_threads(1)
     runs = []
     for position, (rnd, name) in enumerate(schedule(VARIANTS, rounds)):

@@ -23,7 +23,7 @@ from harness import (  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "worker.py"
 # (warm-up steps, timed steps) per run
-FULL = {"mlp": (50, 300), "cnn": (8, 40)}
+FULL = {"mlp": (30, 150), "cnn": (5, 25)}
 QUICK = {"mlp": (10, 30), "cnn": (2, 6)}
 NAMES = {
     RAW: "raw PyTorch DDP loop",

@@ -13,6 +13,7 @@ import gc
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -21,7 +22,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from harness import OUT, StepClock, schedule, timed_loader_next, write_json  # noqa: E402
+from harness import OUT, StepClock, schedule, timed_collectives, timed_loader_next, write_json  # noqa: E402
 from impls import IMPLS, available, runner  # noqa: E402
 from workloads import WORKLOADS, RunContext  # noqa: E402
 
@@ -57,13 +58,16 @@ def main() -> None:
             dist.barrier()
         clock = StepClock()
         ctx = RunContext(WORKLOADS[args.workload], args.warmup + args.steps, rank, world_size, clock, workdir)
-        with timed_loader_next(clock):
+        started = time.perf_counter()
+        with timed_loader_next(clock), timed_collectives(clock):
             runner(name)(ctx)
-        record = {"round": rnd, "position": position, "impl": name, **clock.summary(skip=args.warmup)}
+        record = {"round": rnd, "position": position, "impl": name, "wall_s": time.perf_counter() - started,
+                  **clock.summary(skip=args.warmup)}
         runs.append(record)
         if rank == 0:
             print(f"bench: round {rnd} {name:13s} median {record['median_s'] * 1e3:7.3f} ms  "
-                  f"framework {record['framework_us']:7.1f} us", file=sys.stderr, flush=True)
+                  f"framework {record['framework_us']:7.1f} us (collectives {record['collective_us']:.1f})  "
+                  f"run {record['wall_s']:.1f} s", file=sys.stderr, flush=True)
     if rank == 0:
         write_json(args.out, {"workload": args.workload, "world_size": world_size, "warmup": args.warmup,
                               "steps": args.steps, "rounds": args.rounds, "skipped": skipped, "runs": runs})
