@@ -24,8 +24,9 @@ def igniter_main(
 ) -> None:
     """Entry point of a training script: the same script runs under python, torchrun and SageMaker.
 
-    Exits 0 on success, 2 on bad input (one sentence on stderr), 128 + N after signal N
-    (the checkpoint of that step saved), 1 on any other error.
+    Exits 0 on success, 2 on bad input (one sentence on stderr), 3 when a checkpoint cannot be
+    written, found or loaded, 128 + N after signal N (the checkpoint of that step saved), 1 on
+    any other error.
     """
     code = 0
     rank_prefix = ""
