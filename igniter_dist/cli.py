@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     except IgniterError as e:
         print(f"igniter-dist: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # output piped into `head` and closed early: not an error
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
