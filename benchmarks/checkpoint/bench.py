@@ -107,9 +107,14 @@ def summarize(data: dict) -> str:
         row("plain write, same bytes (local: write + fsync; S3: fs.pipe)", lambda r, c: _time_and_rate(_med(r["plain_write_s"]), mb))
         row("igniter-dist save (sync)", lambda r, c: _time_and_rate(_med(r["save_s"]), mb))
         row("**save bandwidth / plain** (target >= 0.80)", lambda r, c: f"**{_med(r['plain_write_s']) / _med(r['save_s']):.2f}**")
-        row("plain read, same bytes (local: read; S3: fs.cat)", lambda r, c: _time_and_rate(_med(r["plain_read_s"]), mb))
+        row("plain read, same bytes (local: readinto existing buffers; S3: fs.cat)",
+            lambda r, c: _time_and_rate(_med(r["plain_read_s"]), mb))
         row("igniter-dist load", lambda r, c: _time_and_rate(_med(r["load_s"]), mb))
         row("**load bandwidth / plain** (target >= 0.80)", lambda r, c: f"**{_med(r['plain_read_s']) / _med(r['load_s']):.2f}**")
+        row("plain read into fresh memory (local: f.read())",
+            lambda r, c: _time_and_rate(_med(r["plain_read_new_s"]), mb) if "plain_read_new_s" in r else "-")
+        row("load bandwidth / fresh-memory read",
+            lambda r, c: f"{_med(r['plain_read_new_s']) / _med(r['load_s']):.2f}" if "plain_read_new_s" in r else "-")
         row("async save: loop blocked", lambda r, c: f"{_med(r['async_blocking_s']):.3f} s")
         row("async save: until written and committed", lambda r, c: f"{_med(r['async_total_s']):.3f} s")
         row("**async blocked / sync save** (S3 target <= 0.10)", lambda r, c: f"**{_med(r['async_blocking_s']) / _med(r['save_s']):.2f}**")

@@ -56,19 +56,30 @@ def my_share(tensors: list[torch.Tensor], rank: int, world_size: int) -> list[to
 
 
 class Timer:
-    """Barrier-to-barrier timings by name, so each is the slowest rank's time."""
+    """Barrier-to-barrier timings by name, so each is the slowest rank's time.
 
-    def __init__(self, distributed: bool):
+    Before each timed operation on a local disk, the write-back of earlier ones is flushed
+    (`os.sync`, untimed): otherwise a write that follows another inherits its dirty pages and one
+    that follows reads finds an idle disk, and the order decides the result.
+    """
+
+    def __init__(self, distributed: bool, settle: bool):
         self.distributed = distributed
+        self.settle = settle
         self.results: dict[str, list[float]] = {}
 
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
 
-    def time(self, name: str, fn: Callable[[], object]) -> None:
+    def start(self) -> float:
+        if self.settle:
+            os.sync()
         self.barrier()
-        t0 = time.perf_counter()
+        return time.perf_counter()
+
+    def time(self, name: str, fn: Callable[[], object]) -> None:
+        t0 = self.start()
         fn()
         self.barrier()
         self.results.setdefault(name, []).append(time.perf_counter() - t0)
@@ -106,8 +117,10 @@ def main() -> None:
     plain_root = f"{url}/plain"
     sync = CheckpointManager(f"{url}/sync", rt, n_saved=2)
     background = CheckpointManager(f"{url}/async", rt, n_saved=2, async_save=True)
-    timer = Timer(rt.distributed)
+    timer = Timer(rt.distributed, settle=local)
     mine_bytes = None if local else b"".join(t.numpy().tobytes() for t in mine)  # pipe takes bytes
+    # Read buffers, allocated and touched once: DCP loads into the live tensors, so plain reads do too.
+    buffers = [bytearray(sum(t.nbytes for t in my_share(tensors, r, rt.world_size))) for r in range(rt.world_size)]
 
     def plain_write(rep: int) -> None:
         path = f"{plain_root}/{rep}/rank{rt.rank}.bin"
@@ -121,19 +134,24 @@ def main() -> None:
             fs.pipe_file(path, mine_bytes)
 
     def plain_read(rep: int) -> None:
-        # Every rank reads the whole state, as every DDP rank loads every replicated tensor.
+        # Every rank reads the whole state, as every DDP rank loads every replicated tensor, into
+        # buffers that exist already (DCP, too, loads into the live tensors).
         for r in range(rt.world_size):
             path = f"{plain_root}/{rep}/rank{r}.bin"
             if local:
-                with open(path, "rb") as f:
-                    buf = bytearray(os.fstat(f.fileno()).st_size)
-                    f.readinto(buf)
+                with open(path, "rb", buffering=0) as f:
+                    f.readinto(buffers[r])
             else:
                 fs.cat_file(path)
 
+    def plain_read_new(rep: int) -> None:
+        """`f.read()`: every rank reads every file into fresh memory (what a plain loader without buffers does)."""
+        for r in range(rt.world_size):
+            with open(f"{plain_root}/{rep}/rank{r}.bin", "rb") as f:
+                f.read()
+
     def async_save(step: int) -> None:
-        timer.barrier()
-        t0 = time.perf_counter()
+        t0 = timer.start()
         background.save(step, state, per_rank={}, manifest={})
         blocked = time.perf_counter() - t0
         background.wait()
@@ -155,6 +173,8 @@ def main() -> None:
         async_save(rep)
         for name, op in reads:
             timer.time(name, op)
+        if local:
+            timer.time("plain_read_new_s", lambda: plain_read_new(rep))
         timer.time("resume_s", lambda: sync.load(sync.latest(), state))  # what a restart does: find latest, load
         if rt.is_main:
             fs.rm(f"{plain_root}/{rep}", recursive=True)
