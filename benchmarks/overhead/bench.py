@@ -76,7 +76,9 @@ def summarize(data: dict) -> str:
                 mean = ratios(r["runs"], "mean_s").get(impl, [])
                 step = median_of(r["runs"], impl, "median_s")
                 fw = median_of(r["runs"], impl, "framework_us")
-                row += [f"{step * 1e3:.3f}" if step else "-", spread(med), spread(mean), f"{fw:.1f}" if fw is not None else "-"]
+                coll = median_of(r["runs"], impl, "collective_us") or 0.0
+                fw_cell = "-" if fw is None else f"{fw:.1f}" + (f" ({coll:.0f} in collectives)" if coll >= 0.5 else "")
+                row += [f"{step * 1e3:.3f}" if step else "-", spread(med), spread(mean), fw_cell]
             rows.append(row)
         r0 = results[0]
         parts.append(
