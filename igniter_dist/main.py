@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -11,7 +13,7 @@ from typing import Any
 from .args import build_parser, parse_args
 from .errors import IgniterError
 from .rng import seed_everything
-from .runtime import init_runtime, runtime, shutdown_runtime
+from .runtime import init_runtime, runtime, runtime_was_distributed, shutdown_runtime
 from .signals import Interrupted
 
 
@@ -53,7 +55,16 @@ def igniter_main(
         traceback.print_exc()
         code = 1
     finally:
+        distributed = runtime_was_distributed()
         shutdown_runtime(barrier=agreed_exit)
+    if distributed:
+        # After a distributed run, torch's C++ globals sometimes abort while the interpreter tears
+        # down ("terminate called without an active exception", SIGABRT with no Python frame),
+        # turning a finished run into a crash. Everything is saved and closed by now: skip teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
     sys.exit(code)
 
 

@@ -213,6 +213,11 @@ def shutdown_runtime(barrier: bool = False) -> None:
     _current = None
 
 
+def runtime_was_distributed() -> bool:
+    """Whether this process runs in a process group of several ranks."""
+    return _current is not None and _current.distributed
+
+
 def runtime() -> Runtime:
     """The facts of this process; starts a runtime with defaults when `igniter_main` has not."""
     return _current if _current is not None else init_runtime()
