@@ -123,9 +123,11 @@ def summarize(data: dict) -> str:
         parts.append(f"### Save and load: {mb:.0f} MB (model + Adam), 2 ranks, median of {reps} repetitions\n\n"
                      + markdown_table(["", *(names[c] for c in cols)], rows))
     if data["emergency"]:
-        rows = [[f"digits --hidden {e['hidden']} ({e['checkpoint_mb']:.1f} MB checkpoint)",
+        rows = [[f"digits --hidden {e['hidden']} ({e['checkpoint_mb']:.1f} MB checkpoint, "
+                 f"{(e.get('seconds_per_step') or 0) * 1e3:.0f} ms/step)",
                  f"{e['signal_to_commit_s']:.2f} s", f"{e['commit_to_exit_s']:.2f} s", f"{e['signal_to_exit_s']:.2f} s",
-                 str(e["saved_step"]), f"{e['relaunch_to_resumed_s']:.1f} s"] for e in data["emergency"]]
+                 f"{e['saved_step']} (signal after step {e.get('signal_after_step', 10)})",
+                 f"{e['relaunch_to_resumed_s']:.1f} s"] for e in data["emergency"]]
         parts.append("### SIGTERM to a 2-rank torchrun job, and the restart\n\n" + markdown_table(
             ["job", "signal -> checkpoint committed", "committed -> job exited", "signal -> exited",
              "step saved", "relaunch -> resumed"], rows))

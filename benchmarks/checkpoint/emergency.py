@@ -8,6 +8,7 @@ forwards it to the workers. Times come from this process's clock and the committ
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harness import ROOT, child_env, torchrun_cmd  # noqa: E402
 
 DIGITS = ROOT / "examples" / "digits" / "train.py"
+SIGNAL_AFTER_STEP = 10  # SIGTERM goes out once rank 0 has logged this step
 
 
 def _launch(workdir: Path, hidden: int, max_epochs: int) -> subprocess.Popen:
@@ -43,6 +45,15 @@ def _lines_until(p: subprocess.Popen, marker: str, timeout: float, log: list[str
     raise RuntimeError(f"never saw {marker!r}; output:\n{''.join(log[-40:])}")
 
 
+def _seconds_per_step(log: list[str]) -> float | None:
+    """The step time rank 0 last logged before the signal (its console line carries it)."""
+    for line in reversed(log):
+        m = re.search(r"train/seconds_per_step (\S+)", line)
+        if m:
+            return float(m.group(1))
+    return None
+
+
 def _committed(checkpoints: Path) -> dict:
     manifests = sorted(checkpoints.glob("step_*/manifest.json"))
     if not manifests:
@@ -55,7 +66,8 @@ def measure(workdir: Path, hidden: int, timeout: float = 300) -> dict:
     log: list[str] = []
     p = _launch(workdir, hidden, max_epochs=100_000)
     try:
-        _lines_until(p, "step 10 ", timeout, log)  # past start-up and warm-up
+        _lines_until(p, f"step {SIGNAL_AFTER_STEP} ", timeout, log)  # past start-up and warm-up
+        step_s = _seconds_per_step(log)
         t_signal = time.time()
         p.send_signal(signal.SIGTERM)
         assert p.stdout is not None
@@ -85,6 +97,8 @@ def measure(workdir: Path, hidden: int, timeout: float = 300) -> dict:
         "hidden": hidden,
         "checkpoint_mb": sum(f["size"] for f in manifest.get("files", [])) / 1e6,
         "saved_step": manifest.get("step"),
+        "signal_after_step": SIGNAL_AFTER_STEP,
+        "seconds_per_step": step_s,
         "exit_code": rc,
         "signal_to_commit_s": t_commit - t_signal,
         "commit_to_exit_s": t_exit - t_commit,
