@@ -162,6 +162,9 @@ def build_parser(
     d.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N; each rank binds cuda:<local_rank>.")
     d.add_argument("--dist-timeout", type=positive_float, default=1800.0,
                    help="Seconds a collective may wait before the process group fails.")
+    d.add_argument("--stop-check-every", type=positive_int, default=10,
+                   help="Steps between the ranks' agreements on a stop signal (a non-blocking all-reduce); "
+                        "a signal is honoured within twice this many steps.")
     d.add_argument("--find-unused-parameters", type=parse_bool, default=False,
                    help="Let DDP handle parameters that get no gradient in a step (slower).")
     d.add_argument("--sync-batchnorm", type=parse_bool, default=False,
@@ -265,4 +268,5 @@ def train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "grad_clip_norm": args.grad_clip_norm,
         "grad_clip_value": args.grad_clip_value,
         "debug": args.debug,
+        "stop_check_every": args.stop_check_every,
     }

@@ -35,14 +35,18 @@ class Metric:
 
 
 class _Mean:
-    """Sample-weighted running sum and count of one output (or of a function of the outputs)."""
+    """Sample-weighted running sum (on the device) and count (a host int) of one output.
+
+    The count never touches the device: batch sizes and element counts are host integers, so an
+    update is one fused device op and no host sync.
+    """
 
     def __init__(self, name: str, source: str | Callable[[StepOutput], Any], device: torch.device):
         self.name = name
         self.source = source
         dtype = torch.float32 if device.type == "mps" else torch.float64
         self.total = torch.zeros((), dtype=dtype, device=device)
-        self.count = torch.zeros((), dtype=dtype, device=device)
+        self.count = 0
 
     def value_of(self, output: StepOutput) -> Any:
         if callable(self.source):
@@ -53,19 +57,20 @@ class _Mean:
         v = self.value_of(output)
         if isinstance(v, torch.Tensor):
             v = v.detach()
-            if v.numel() == 1:  # a batch mean: counts with the batch size
-                self.total += v.reshape(()).to(self.total.dtype) * batch_size
+            n = v.numel()
+            if n == 1:  # a batch mean: counts with the batch size
+                self.total.add_(v.reshape(()), alpha=batch_size)
                 self.count += batch_size
             else:  # per-sample values: each element counts once
-                self.total += v.sum(dtype=self.total.dtype)
-                self.count += v.numel()
+                self.total.add_(v.sum(dtype=self.total.dtype))
+                self.count += n
         else:
-            self.total += float(v) * batch_size
+            self.total.add_(float(v) * batch_size)
             self.count += batch_size
 
     def reset(self) -> None:
         self.total.zero_()
-        self.count.zero_()
+        self.count = 0
 
 
 class MetricSet:
@@ -123,7 +128,9 @@ class MetricSet:
         """Collective: every rank gets the same global values (one all-reduce for all means)."""
         values: dict[str, float] = {}
         if self.means:
-            sums = torch.stack([torch.stack([m.total, m.count]) for m in self.means])
+            totals = torch.stack([m.total for m in self.means])
+            counts = torch.tensor([m.count for m in self.means], dtype=totals.dtype, device=totals.device)
+            sums = torch.stack([totals, counts], dim=1)
             if self.distributed:
                 dist.all_reduce(sums)
             for m, (total, count) in zip(self.means, sums.tolist()):  # host sync: only at log time
@@ -150,7 +157,7 @@ class MetricSet:
         for m in self.means:
             if m.name in state:
                 m.total.copy_(state[m.name]["total"])
-                m.count.copy_(state[m.name]["count"])
+                m.count = int(state[m.name]["count"])
         for name, spec in self.torchmetrics.items():
             if name in state:
                 spec.metric.load_state_dict(dict(state[name]), strict=False)

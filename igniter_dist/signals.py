@@ -1,8 +1,9 @@
 """Stop on SIGINT / SIGTERM / SIGHUP without losing work: the handler only sets a flag.
 
-Ranks agree on the flag at a step boundary through a non-blocking all-reduce launched after each
-step and read one step later, so the agreement overlaps the next step instead of stalling it.
-All ranks then stop after the same step, save it, and exit with 128 + signal number.
+Ranks agree on the flag at a step boundary through a non-blocking all-reduce launched every
+`CHECK_EVERY` steps and read at the next check, so the agreement overlaps training instead of
+stalling it (launching a gloo all-reduce costs ~80 us here: every step it was 7% of a small MLP's
+step). All ranks then stop after the same step, save it, and exit with 128 + signal number.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+CHECK_EVERY = 10  # steps between agreements; a signal is honoured within 2 x CHECK_EVERY steps
 
 
 class Interrupted(Exception):
@@ -35,12 +37,15 @@ class Interrupted(Exception):
 class StopFlag:
     """The local stop request and the cross-rank agreement on it."""
 
-    def __init__(self, distributed: bool, group: Any = None):
+    def __init__(self, distributed: bool, group: Any = None, check_every: int = CHECK_EVERY):
         self.distributed = distributed
         self.group = group  # a gloo group when the default one is nccl: the flag stays on the host
+        self.check_every = check_every
         self.requested = 0  # signal number, 0 when none
         self._previous: dict[int, Any] = {}
         self._pending: tuple[Any, torch.Tensor] | None = None
+        self._calls = 0
+        self._flag = torch.zeros(2, dtype=torch.int32)
 
     def install(self) -> None:
         """Take over the stop signals (main thread only); `restore` gives back the user's handlers."""
@@ -75,11 +80,15 @@ class StopFlag:
         """
         if not self.distributed:
             return self.requested, save_due
+        self._calls += 1
+        if self._calls % self.check_every:
+            return 0, False  # every rank counts the same calls, so all skip and check together
         agreed = (0, False)
         if self._pending is not None:
             agreed = self._finish()
-        flag = torch.tensor([self.requested, int(save_due)], dtype=torch.int32)
-        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
+        self._flag[0], self._flag[1] = self.requested, int(save_due)
+        work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        self._pending = (work, self._flag)
         return agreed
 
     def drain(self) -> int:

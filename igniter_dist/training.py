@@ -56,6 +56,7 @@ def train(
     grad_clip_norm: float | None = None,
     grad_clip_value: float | None = None,
     debug: bool = False,
+    stop_check_every: int = 10,
 ) -> dict[str, float]:
     """Train `to_save`'s model with `train_spec`, evaluating with `eval_spec`; returns the final metrics.
 
@@ -82,7 +83,7 @@ def train(
     sinks = _sinks(rt, output_dir, console, mlflow)
     checkpoints = _checkpoints(rt, to_save, checkpoint_dir, output_dir, params, n_saved=n_saved,
                                keep_best=keep_best, async_save=async_checkpoint, on_error=on_checkpoint_error)
-    stop = StopFlag(rt.distributed, group=_host_group(rt))
+    stop = StopFlag(rt.distributed, group=_host_group(rt), check_every=_positive(stop_check_every, "stop_check_every"))
     engine = Engine(runtime=rt, train=train_loop, evaluators=evaluators, schedule=schedule, to_save=to_save,
                     sinks=sinks, checkpoints=checkpoints, stop=stop, seed=seed, step_options=step_options,
                     debug=checks)

@@ -137,3 +137,15 @@ def test_emergency_save_reports_its_duration(tmp_path):
     result = python(PROBE, probe_args(tmp_path, "a", "--interrupt-at", "4"))
     assert result.returncode == 143
     assert re.search(r"saved step 4 in [0-9.]+ s after SIGTERM", result.stderr), result.stderr[-2000:]
+
+
+def test_default_agreement_interval_still_stops_mid_epoch_and_resumes_bitwise(tmp_path):
+    """With the default --stop-check-every 10 a signal is honoured within 20 steps."""
+    args = ["--stop-check-every", "10", "--n-train", "320", "--max-epochs", "1"]  # 40 steps
+    check(torchrun(PROBE, probe_args(tmp_path, "ref", *args, "--checkpoint-dir", str(tmp_path / "c0"))))
+    first = torchrun(PROBE, probe_args(tmp_path, "first", *args, "--interrupt-at", "3"))
+    assert first.returncode != 0 and first.stderr.count("exiting with 143") == 2
+    assert committed_steps(tmp_path / "ckpt") == [20]  # launched at step 10, read at step 20
+    check(torchrun(PROBE, probe_args(tmp_path, "second", *args)))
+    ref = {r["digest"] for r in final_reports(tmp_path / "ref")}
+    assert {r["digest"] for r in final_reports(tmp_path / "second")} == ref and len(ref) == 1

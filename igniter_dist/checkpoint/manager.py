@@ -164,7 +164,10 @@ class CheckpointManager:
     def _writer(self, url: str) -> Any:
         FsspecWriter, _ = fsspec_io()
         # fsync each file on local disks; object stores have no fsync (s3fs would sync the host).
-        return FsspecWriter(url, single_file_per_rank=True, sync_files=self.storage.is_local)
+        # On object stores each file uploads its parts one after another, so four files per rank
+        # upload concurrently (measured 1.7-3.2 s instead of 3.9-4.3 s for 200 MB on moto).
+        return FsspecWriter(url, single_file_per_rank=True, sync_files=self.storage.is_local,
+                            thread_count=1 if self.storage.is_local else 4)
 
     def _prepare_folder(self, folder: str) -> str:
         """Rank 0: 'exists' when the step is already committed; else clear a dead run's leftovers."""

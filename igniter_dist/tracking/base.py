@@ -19,7 +19,7 @@ class RunInfo:
     run_id: str | None = None  # a tracking run to continue (from a checkpoint), if any
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # built every step: a plain slotted class is the cheapest to create
 class Progress:
     """Where the loop is, handed to sinks on every training step (keep sinks cheap here)."""
 

@@ -113,7 +113,8 @@ def flags(parser):
     parser.add_argument("--interrupt-rank", type=int, default=0)
     parser.add_argument("--count-reads", type=parse_bool, default=False)
     parser.add_argument("--engine-helpers", type=parse_bool, default=False)
-    parser.set_defaults(workers=0, batch_size=4, max_epochs=3, learning_rate=0.01, log_every=5)
+    # Agree on stop signals every step, so tests can aim interruptions at exact steps.
+    parser.set_defaults(workers=0, batch_size=4, max_epochs=3, learning_rate=0.01, log_every=5, stop_check_every=1)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def main(args):
 def flags(parser):
     parser.add_argument("--api-token", default=None, help="A user secret that must never be written.")
     parser.add_argument("--interrupt-at", type=int, default=-1, help="Global step to SIGTERM rank 0 after.")
-    parser.set_defaults(workers=0, max_epochs=3, log_every=2)
+    parser.set_defaults(workers=0, max_epochs=3, log_every=2, stop_check_every=1)  # stop at the aimed step
 
 
 if __name__ == "__main__":
