@@ -125,11 +125,14 @@ def summarize(data: dict) -> str:
     if data["emergency"]:
         rows = [[f"digits --hidden {e['hidden']} ({e['checkpoint_mb']:.1f} MB checkpoint, "
                  f"{(e.get('seconds_per_step') or 0) * 1e3:.0f} ms/step)",
-                 f"{e['signal_to_commit_s']:.2f} s", f"{e['commit_to_exit_s']:.2f} s", f"{e['signal_to_exit_s']:.2f} s",
+                 f"{e['signal_to_commit_s']:.2f} s",
+                 "-" if e.get("reported_save_s") is None else f"{e['reported_save_s']:.2f} s",
+                 f"{e['commit_to_exit_s']:.2f} s", f"{e['signal_to_exit_s']:.2f} s",
                  f"{e['saved_step']} (signal after step {e.get('signal_after_step', 10)})",
                  f"{e['relaunch_to_resumed_s']:.1f} s"] for e in data["emergency"]]
         parts.append("### SIGTERM to a 2-rank torchrun job, and the restart\n\n" + markdown_table(
-            ["job", "signal -> checkpoint committed", "committed -> job exited", "signal -> exited",
+            ["job", "signal -> checkpoint committed", "save duration it reports", "committed -> job exited",
+             "signal -> exited",
              "step saved", "relaunch -> resumed"], rows))
     return "\n\n".join(parts)
 

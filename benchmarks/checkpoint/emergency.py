@@ -1,8 +1,8 @@
 """SIGTERM a 2-rank torchrun job of the digits example mid-training; time the emergency save and the resume.
 
 The signal goes to the torchrun agent, as a SageMaker stop or spot interruption sends it; the agent
-forwards it to the workers. Times come from this process's clock and the committed manifest's
-`unix_time`, written by rank 0 as the save's last act.
+forwards it to the workers. Times come from this process's clock, the committed manifest's
+`unix_time` (written by rank 0 as the save's last act) and the save duration igniter-dist prints.
 """
 
 from __future__ import annotations
@@ -54,6 +54,15 @@ def _seconds_per_step(log: list[str]) -> float | None:
     return None
 
 
+def _reported_save_s(log: list[str]) -> float | None:
+    """The duration rank 0 reports for its emergency save ("igniter-dist: saved step N in X s after ...")."""
+    for line in log:
+        m = re.search(r"igniter-dist: saved step \d+ in (\S+) s", line)
+        if m:
+            return float(m.group(1))
+    return None
+
+
 def _committed(checkpoints: Path) -> dict:
     manifests = sorted(checkpoints.glob("step_*/manifest.json"))
     if not manifests:
@@ -100,6 +109,7 @@ def measure(workdir: Path, hidden: int, timeout: float = 300) -> dict:
         "signal_after_step": SIGNAL_AFTER_STEP,
         "seconds_per_step": step_s,
         "exit_code": rc,
+        "reported_save_s": _reported_save_s(log),
         "signal_to_commit_s": t_commit - t_signal,
         "commit_to_exit_s": t_exit - t_commit,
         "signal_to_exit_s": t_exit - t_signal,
