@@ -55,7 +55,7 @@ def main() -> None:
         f"Python {before['python']}, torch {before['torch']}; one intra-op thread per rank.\n"
         f"Load average (1/5/15 min) before: {before['load_avg_1_5_15']}, after: {after['load_avg_1_5_15']}; "
         f"total {time.perf_counter() - started:.0f} s{' (--quick: smoke-check sizes, not measurements)' if args.quick else ''}.\n\n"
-        "```\n" + "\n".join(commands) + "\n```\n"
+        "```text\n" + "\n".join(commands) + "\n```\n"
     )
     report = header + "\n" + "\n\n".join(s.strip() for s in sections) + "\n"
     (OUT / "results.md").write_text(report)
