@@ -163,8 +163,8 @@ def build_parser(
     d.add_argument("--dist-timeout", type=positive_float, default=1800.0,
                    help="Seconds a collective may wait before the process group fails.")
     d.add_argument("--stop-check-every", type=positive_int, default=10,
-                   help="Steps between the ranks' agreements on a stop signal (a non-blocking all-reduce); "
-                        "a signal is honoured within twice this many steps.")
+                   help="Most steps between the ranks' agreements on a stop signal (a non-blocking "
+                        "all-reduce); slow steps agree more often, about every 0.25 s.")
     d.add_argument("--find-unused-parameters", type=parse_bool, default=False,
                    help="Let DDP handle parameters that get no gradient in a step (slower).")
     d.add_argument("--sync-batchnorm", type=parse_bool, default=False,

@@ -1,9 +1,12 @@
 """Stop on SIGINT / SIGTERM / SIGHUP without losing work: the handler only sets a flag.
 
-Ranks agree on the flag at a step boundary through a non-blocking all-reduce launched every
-`CHECK_EVERY` steps and read at the next check, so the agreement overlaps training instead of
-stalling it (launching a gloo all-reduce costs ~80 us here: every step it was 7% of a small MLP's
-step). All ranks then stop after the same step, save it, and exit with 128 + signal number.
+Ranks agree on the flag at a step boundary through a non-blocking all-reduce read at the next
+check, so the agreement overlaps training instead of stalling it. Launching a gloo all-reduce
+costs ~80 us here (7% of a small MLP's step), so fast steps check every `check_every` steps; slow
+steps check more often so a signal is honoured within about CHECK_SECONDS, far inside torchrun's
+30 s and SageMaker's 120 s. Rank 0 proposes the next interval from its step time inside the same
+all-reduce, so every rank switches at the same step. All ranks then stop after the same step,
+save it, and exit with 128 + signal number.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from types import FrameType
 from typing import Any
 
@@ -19,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-CHECK_EVERY = 10  # steps between agreements; a signal is honoured within 2 x CHECK_EVERY steps
+CHECK_EVERY = 10  # most steps between agreements; a signal is honoured within two intervals
+CHECK_SECONDS = 0.25  # aim: an agreement at least this often when steps are slow
 
 
 class Interrupted(Exception):
@@ -37,15 +42,19 @@ class Interrupted(Exception):
 class StopFlag:
     """The local stop request and the cross-rank agreement on it."""
 
-    def __init__(self, distributed: bool, group: Any = None, check_every: int = CHECK_EVERY):
+    def __init__(self, distributed: bool, group: Any = None, check_every: int = CHECK_EVERY,
+                 is_main: bool = True):
         self.distributed = distributed
+        self.is_main = is_main  # rank 0 proposes the interval
         self.group = group  # a gloo group when the default one is nccl: the flag stays on the host
         self.check_every = check_every
         self.requested = 0  # signal number, 0 when none
         self._previous: dict[int, Any] = {}
         self._pending: tuple[Any, torch.Tensor] | None = None
         self._calls = 0
-        self._flag = torch.zeros(2, dtype=torch.int32)
+        self._next_check = check_every
+        self._last_check = (0, time.monotonic())
+        self._flag = torch.zeros(3, dtype=torch.int32)
 
     def install(self) -> None:
         """Take over the stop signals (main thread only); `restore` gives back the user's handlers."""
@@ -81,15 +90,27 @@ class StopFlag:
         if not self.distributed:
             return self.requested, save_due
         self._calls += 1
-        if self._calls % self.check_every:
-            return 0, False  # every rank counts the same calls, so all skip and check together
-        agreed = (0, False)
+        if self._calls < self._next_check:
+            return 0, False  # every rank counts the same calls and intervals, so all check together
+        agreed, interval = (0, False), self.check_every
         if self._pending is not None:
-            agreed = self._finish()
-        self._flag[0], self._flag[1] = self.requested, int(save_due)
+            *agreed, proposed = self._finish()
+            interval = proposed or self.check_every
+        self._flag[0], self._flag[1], self._flag[2] = self.requested, int(save_due), self._propose()
         work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
         self._pending = (work, self._flag)
-        return agreed
+        self._next_check = self._calls + interval
+        return agreed[0], agreed[1]
+
+    def _propose(self) -> int:
+        """Rank 0: steps per CHECK_SECONDS at its current pace, within 1..check_every; others 0."""
+        calls, then = self._last_check
+        now = time.monotonic()
+        self._last_check = (self._calls, now)
+        if not self.is_main or self._calls == calls:
+            return 0
+        step_s = (now - then) / (self._calls - calls)
+        return max(1, min(self.check_every, int(CHECK_SECONDS / max(step_s, 1e-9))))
 
     def drain(self) -> int:
         """Collective: finish the last launched agreement (every rank launched the same number)."""
@@ -97,10 +118,10 @@ class StopFlag:
             return self.requested
         return self._finish()[0]
 
-    def _finish(self) -> tuple[int, bool]:
+    def _finish(self) -> tuple[int, bool, int]:
         assert self._pending is not None
         work, value = self._pending
         self._pending = None
         work.wait()
-        signum, save_due = value.tolist()  # a finished host-side op: no device sync
-        return int(signum), bool(save_due)
+        signum, save_due, interval = value.tolist()  # a finished host-side op: no device sync
+        return int(signum), bool(save_due), int(interval)

@@ -83,7 +83,8 @@ def train(
     sinks = _sinks(rt, output_dir, console, mlflow)
     checkpoints = _checkpoints(rt, to_save, checkpoint_dir, output_dir, params, n_saved=n_saved,
                                keep_best=keep_best, async_save=async_checkpoint, on_error=on_checkpoint_error)
-    stop = StopFlag(rt.distributed, group=_host_group(rt), check_every=_positive(stop_check_every, "stop_check_every"))
+    stop = StopFlag(rt.distributed, group=_host_group(rt), check_every=_positive(stop_check_every, "stop_check_every"),
+                    is_main=rt.is_main)
     engine = Engine(runtime=rt, train=train_loop, evaluators=evaluators, schedule=schedule, to_save=to_save,
                     sinks=sinks, checkpoints=checkpoints, stop=stop, seed=seed, step_options=step_options,
                     debug=checks)
