@@ -350,8 +350,8 @@ def to_device(batch: Any, device: torch.device) -> Any:
             return batch
         return batch.to(device, non_blocking=batch.is_pinned())
     if isinstance(batch, Mapping):
-        return type(batch)({k: to_device(v, device) for k, v in batch.items()}) if isinstance(batch, dict) else {
-            k: to_device(v, device) for k, v in batch.items()}
+        moved = {k: to_device(v, device) for k, v in batch.items()}
+        return type(batch)(moved) if isinstance(batch, dict) else moved
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
         return type(batch)(*(to_device(v, device) for v in batch))
     if isinstance(batch, (list, tuple)):

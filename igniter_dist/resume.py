@@ -53,7 +53,6 @@ class RunCheckpoints:
         """Collective: load the latest committed checkpoint into the run; False when there is none."""
         step = self.manager.latest()
         if step is None:
-            seed_everything(seed + self.runtime.rank)
             return False
         result = self.manager.load(step, self.state(engine))
         if result.per_rank is not None:

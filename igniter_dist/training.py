@@ -20,6 +20,7 @@ from .engine import Engine, Loop, Schedule, check_epoch_length
 from .errors import ConfigError
 from .metrics import MetricSet
 from .resume import RunCheckpoints
+from .rng import seed_everything
 from .runtime import Runtime, runtime, unwrap
 from .signals import Interrupted, StopFlag
 from .debug import DebugChecks
@@ -91,7 +92,8 @@ def train(
     status = "FAILED"
     stop.install()
     try:
-        resumed = checkpoints.resume(engine, seed) if (checkpoints and resume) else _fresh(seed, rt)
+        seed_everything(seed + rt.rank)  # a fresh run's streams; a resume replaces them from the checkpoint
+        resumed = checkpoints.resume(engine, seed) if (checkpoints and resume) else False
         run_id = rt.broadcast_object(checkpoints.manifest.get("tracking_run_id") if checkpoints else None)
         sinks.start(RunInfo(params=params, output_dir=output_dir,
                             resumed_step=engine.state.step if resumed else 0, run_id=run_id))
@@ -238,13 +240,6 @@ def _host_group(rt: Runtime) -> Any:
     if rt.backend == "nccl":
         return torch.distributed.new_group(backend="gloo")
     return None
-
-
-def _fresh(seed: int, rt: Runtime) -> bool:
-    from .rng import seed_everything
-
-    seed_everything(seed + rt.rank)
-    return False
 
 
 def _say(rt: Runtime, message: str) -> None:
