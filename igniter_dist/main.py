@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -13,7 +11,7 @@ from typing import Any
 from .args import build_parser, parse_args
 from .errors import IgniterError
 from .rng import seed_everything
-from .runtime import init_runtime, runtime, runtime_was_distributed, shutdown_runtime
+from .runtime import exit_process, init_runtime, runtime, runtime_was_distributed, shutdown_runtime
 from .signals import Interrupted
 
 
@@ -57,15 +55,7 @@ def igniter_main(
     finally:
         distributed = runtime_was_distributed()
         shutdown_runtime(barrier=agreed_exit)
-    if distributed:
-        # After a distributed run, torch's C++ globals sometimes abort while the interpreter tears
-        # down ("terminate called without an active exception", SIGABRT with no Python frame),
-        # turning a finished run into a crash. Everything is saved and closed by now: skip teardown.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        logging.shutdown()
-        os._exit(code)
-    sys.exit(code)
+    exit_process(code, distributed)
 
 
 __all__ = ["igniter_main", "runtime"]

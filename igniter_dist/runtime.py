@@ -7,9 +7,11 @@ else receives the frozen `Runtime` it returns.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -211,6 +213,21 @@ def shutdown_runtime(barrier: bool = False) -> None:
             dist.barrier()
         dist.destroy_process_group()
     _current = None
+
+
+def exit_process(code: int, distributed: bool) -> NoReturn:
+    """End this process with `code`, once everything is saved and the process group is destroyed.
+
+    After a distributed run, torch's C++ globals sometimes abort while the interpreter tears down
+    ("terminate called without an active exception", SIGABRT with no Python frame), turning a
+    finished run into a crash; such a process flushes its streams and skips that teardown.
+    """
+    if not distributed:
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 def runtime_was_distributed() -> bool:

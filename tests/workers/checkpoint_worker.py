@@ -23,7 +23,7 @@ from igniter_dist.checkpoint import CheckpointManager, export_model
 from igniter_dist.checkpoint.manager import CheckpointManager as _Manager
 from igniter_dist.checkpoint.storage import Storage, fsspec_io
 from igniter_dist.errors import CheckpointError
-from igniter_dist.runtime import init_runtime, prepare, shutdown_runtime, unwrap
+from igniter_dist.runtime import exit_process, init_runtime, prepare, shutdown_runtime, unwrap
 
 
 def build(seed: int):
@@ -223,4 +223,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()  # an exception propagates with its traceback and the usual teardown
+    exit_process(code, distributed=True)

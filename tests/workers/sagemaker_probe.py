@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from igniter_dist.runtime import exit_process
+
 
 def main() -> int:
     p = argparse.ArgumentParser()
@@ -64,4 +66,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main(), distributed=True)

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from igniter_dist.runtime import init_runtime, shutdown_runtime
+from igniter_dist.runtime import exit_process, init_runtime, shutdown_runtime
 from igniter_dist.tracking.base import Progress, RunInfo
 from igniter_dist.tracking.factory import MlflowConfig, build_sinks
 
@@ -36,6 +36,7 @@ def main() -> None:
                    "mlflow_imported": any(m.split(".")[0] == "mlflow" for m in sys.modules)}, f)
     rt.barrier()
     shutdown_runtime()
+    exit_process(0, distributed=True)
 
 
 if __name__ == "__main__":
