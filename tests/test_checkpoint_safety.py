@@ -52,8 +52,8 @@ def objects(seed: int = 0, hidden: int = 16):
 
 
 def save(url: str, step: int, state=None, metrics=None, **kwargs) -> bool:
-    mgr = CheckpointManager(url, Runtime(), **kwargs)
-    return mgr.save(step, state or objects(), per_rank={"cursor": step}, manifest={"epoch": 1}, metrics=metrics)
+    with CheckpointManager(url, Runtime(), **kwargs) as mgr:  # leaving waits for retention's deletions
+        return mgr.save(step, state or objects(), per_rank={"cursor": step}, manifest={"epoch": 1}, metrics=metrics)
 
 
 def put(url: str, rel: str, data: bytes) -> None:
@@ -215,3 +215,13 @@ def test_export_model_is_weights_only_loadable(tmp_path):
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
     buf = io.BytesIO((tmp_path / "out" / "model.pt").read_bytes())
     assert torch.load(buf, weights_only=True).keys() == loaded.keys()
+
+
+def test_export_model_as_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    model = objects()["model"]
+    export_model(model, str(tmp_path / "out" / "model.safetensors"))
+    loaded = load_file(tmp_path / "out" / "model.safetensors")
+    assert loaded.keys() == model.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())

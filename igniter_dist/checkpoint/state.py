@@ -138,20 +138,6 @@ def unloadable(sd: dict[str, Any]) -> str | None:
     return None
 
 
-def stage(value: Any) -> Any:
-    """A copy of a state dict with every tensor copied to CPU, safe to write while training goes on."""
-    if isinstance(value, torch.Tensor):
-        copy = value.detach().to("cpu", copy=True)
-        return copy.pin_memory() if value.is_cuda else copy
-    if isinstance(value, dict):
-        return {k: stage(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [stage(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(stage(v) for v in value)
-    return value
-
-
 def saved_world_size(metadata: Metadata) -> int:
     """How many ranks wrote the checkpoint, from the per-rank entries."""
     ranks = {_rank_of(k) for k in metadata.state_dict_metadata}
