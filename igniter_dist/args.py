@@ -194,6 +194,8 @@ def build_parser(
                    help="Folder for metrics history and other outputs (SM_OUTPUT_DATA_DIR inside SageMaker).")
     o.add_argument("--model-dir", default=sagemaker.model_dir() or None,
                    help="Folder for the final model.pt and args.json (default: <output-dir>/model; SM_MODEL_DIR inside SageMaker).")
+    o.add_argument("--model-safetensors", type=parse_bool, default=False,
+                   help="Also write the final model as model.safetensors (needs the safetensors package).")
     o.add_argument("--log-every", type=positive_int, default=50,
                    help="Compute and log training metrics every N iterations.")
 
@@ -262,6 +264,7 @@ def train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "on_checkpoint_error": args.on_checkpoint_error,
         "output_dir": args.output_dir,
         "model_dir": args.model_dir,
+        "model_safetensors": args.model_safetensors,
         "mlflow": MlflowConfig.from_args(args),
         "precision": args.precision,
         "accumulate_grad_batches": args.accumulate_grad_batches,

@@ -49,6 +49,7 @@ def train(
     on_checkpoint_error: Literal["stop", "warn"] = "stop",
     output_dir: str | None = "output",
     model_dir: str | None = None,
+    model_safetensors: bool = False,
     parameters: Mapping[str, Any] | None = None,
     mlflow: Any = None,
     console: bool = True,
@@ -101,7 +102,8 @@ def train(
             _say(rt, f"igniter-dist: this run already finished {engine.state.epoch} epochs "
                      f"(--max-epochs {schedule.max_epochs}); raise --max-epochs to train further.")
         metrics = engine.run()
-        _export(rt, to_save, model_dir or (os.path.join(output_dir, "model") if output_dir else None), params, sinks)
+        _export(rt, to_save, model_dir or (os.path.join(output_dir, "model") if output_dir else None), params, sinks,
+                safetensors=model_safetensors)
         status = "FINISHED"
         return metrics
     except Interrupted:
@@ -247,7 +249,8 @@ def _say(rt: Runtime, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def _export(rt: Runtime, to_save: Mapping[str, Any], model_dir: str | None, params: dict[str, Any], sinks: Sink) -> None:
+def _export(rt: Runtime, to_save: Mapping[str, Any], model_dir: str | None, params: dict[str, Any], sinks: Sink,
+            safetensors: bool = False) -> None:
     """Rank 0 writes the consolidated model and the redacted arguments to the model dir."""
     if not rt.is_main or not model_dir:
         return
@@ -256,9 +259,10 @@ def _export(rt: Runtime, to_save: Mapping[str, Any], model_dir: str | None, para
     model = next((m for m in to_save.values() if isinstance(m, nn.Module)), None)
     os.makedirs(model_dir, exist_ok=True)
     if model is not None:
-        path = os.path.join(model_dir, "model.pt")
-        export_model(unwrap(model), path)
-        sinks.log_artifact(path)
+        names = ["model.pt", "model.safetensors"] if safetensors else ["model.pt"]
+        for path in (os.path.join(model_dir, name) for name in names):
+            export_model(unwrap(model), path)
+            sinks.log_artifact(path)
     args_path = os.path.join(model_dir, "args.json")
     with open(args_path, "w") as f:
         json.dump(params, f, indent=2, sort_keys=True, default=str)

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from launch import ROOT, check, python, torchrun
 
@@ -33,9 +34,15 @@ def test_example_single_process_reaches_90_percent(tmp_path):
 
 
 def test_example_two_ranks_reaches_90_percent(tmp_path):
-    result = check(torchrun(EXAMPLE, example_args(tmp_path), nproc=2))
+    result = check(torchrun(EXAMPLE, [*example_args(tmp_path), "--model-safetensors", "true"], nproc=2))
     assert final_accuracy(result.stdout) > 0.9
     assert result.stdout.count("final eval accuracy") == 1  # printed by rank 0 only
+    from safetensors.torch import load_file
+
+    pt = torch.load(tmp_path / "out" / "model" / "model.pt", weights_only=True)
+    st = load_file(tmp_path / "out" / "model" / "model.safetensors")
+    assert pt.keys() == st.keys() and not any(k.startswith("module.") for k in st)
+    assert all(torch.equal(pt[k], st[k]) for k in pt)
 
 
 @pytest.fixture(scope="module")
