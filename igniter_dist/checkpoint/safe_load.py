@@ -16,8 +16,11 @@ from typing import IO, Any
 import torch
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
+from torch.futures import Future
 
 from ..errors import CheckpointError
+from .direct_read import read_directly
 from .storage import fsspec_io
 
 _DCP = "torch.distributed.checkpoint"
@@ -97,10 +100,23 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
 
 def safe_reader(url: str) -> Any:
-    """An FsspecReader for the checkpoint folder `url` whose `.metadata` goes through `load_metadata`."""
+    """An FsspecReader for the checkpoint folder `url` whose `.metadata` goes through `load_metadata`
+    and whose tensors, where `read_directly` allows, are read straight into the live tensors.
+
+    `direct_reads` on it counts those tensors."""
     _, FsspecReader = fsspec_io()
 
     class SafeFsspecReader(FsspecReader):
+        metadata: Metadata | None = None
+        direct_reads = 0
+
+        def set_up_storage_reader(self, metadata: Metadata, *args: Any, **kwargs: Any) -> None:
+            super().set_up_storage_reader(metadata, *args, **kwargs)
+            self.metadata = metadata
+
+        def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+            return super().read_data(read_directly(self, plan, planner, url), planner)
+
         def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
             rank = kwargs.get("rank")
             name = ".metadata" if rank is None else f"__{rank}.metadata"
