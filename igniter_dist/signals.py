@@ -5,8 +5,9 @@ check, so the agreement overlaps training instead of stalling it. Launching a gl
 costs ~80 us here (7% of a small MLP's step), so fast steps check every `check_every` steps; slow
 steps check more often so a signal is honoured within about CHECK_SECONDS, far inside torchrun's
 30 s and SageMaker's 120 s. Rank 0 proposes the next interval from its step time inside the same
-all-reduce, so every rank switches at the same step. All ranks then stop after the same step,
-save it, and exit with 128 + signal number.
+all-reduce, so every rank switches at the same step; until its first proposal arrives every step
+checks, so a slow model is not exposed for `check_every` steps at the start. All ranks then stop
+after the same step, save it, and exit with 128 + signal number.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class StopFlag:
         self._previous: dict[int, Any] = {}
         self._pending: tuple[Any, torch.Tensor] | None = None
         self._calls = 0
-        self._next_check = check_every
+        self._next_check = 1  # check every step until rank 0's first proposal arrives
         self._last_check = (0, time.monotonic())
         self._flag = torch.zeros(3, dtype=torch.int32)
 
@@ -92,7 +93,7 @@ class StopFlag:
         self._calls += 1
         if self._calls < self._next_check:
             return 0, False  # every rank counts the same calls and intervals, so all check together
-        agreed, interval = (0, False), self.check_every
+        agreed, interval = (0, False), 1
         if self._pending is not None:
             *agreed, proposed = self._finish()
             interval = proposed or self.check_every

@@ -140,12 +140,14 @@ def test_emergency_save_reports_its_duration(tmp_path):
 
 
 def test_default_agreement_interval_still_stops_mid_epoch_and_resumes_bitwise(tmp_path):
-    """With the default --stop-check-every 10 a signal is honoured within 20 steps."""
+    """With the default --stop-check-every 10 a signal is honoured within 20 steps (sooner at the start,
+    where every step checks until rank 0 has timed a step)."""
     args = ["--stop-check-every", "10", "--n-train", "320", "--max-epochs", "1"]  # 40 steps
     check(torchrun(PROBE, probe_args(tmp_path, "ref", *args, "--checkpoint-dir", str(tmp_path / "c0"))))
     first = torchrun(PROBE, probe_args(tmp_path, "first", *args, "--interrupt-at", "3"))
     assert first.returncode != 0 and first.stderr.count("exiting with 143") == 2
-    assert committed_steps(tmp_path / "ckpt") == [20]  # launched at step 10, read at step 20
+    saved = committed_steps(tmp_path / "ckpt")
+    assert len(saved) == 1 and 3 <= saved[0] <= 3 + 2 * 10, saved
     check(torchrun(PROBE, probe_args(tmp_path, "second", *args)))
     ref = {r["digest"] for r in final_reports(tmp_path / "ref")}
     assert {r["digest"] for r in final_reports(tmp_path / "second")} == ref and len(ref) == 1
