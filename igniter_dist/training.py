@@ -21,7 +21,7 @@ from .errors import ConfigError
 from .metrics import MetricSet
 from .resume import RunCheckpoints
 from .rng import seed_everything
-from .runtime import Runtime, runtime, unwrap
+from .runtime import Runtime, runtime
 from .signals import Interrupted, StopFlag
 from .debug import DebugChecks
 from .spec import RunSpec
@@ -254,14 +254,15 @@ def _export(rt: Runtime, to_save: Mapping[str, Any], model_dir: str | None, para
     """Rank 0 writes the consolidated model and the redacted arguments to the model dir."""
     if not rt.is_main or not model_dir:
         return
-    from .checkpoint import export_model
+    from .checkpoint.export import model_state, write_state
 
     model = next((m for m in to_save.values() if isinstance(m, nn.Module)), None)
     os.makedirs(model_dir, exist_ok=True)
     if model is not None:
-        names = ["model.pt", "model.safetensors"] if safetensors else ["model.pt"]
-        for path in (os.path.join(model_dir, name) for name in names):
-            export_model(unwrap(model), path)
+        state = model_state(model)  # copied off the device once for every format
+        for name in ["model.pt", "model.safetensors"] if safetensors else ["model.pt"]:
+            path = os.path.join(model_dir, name)
+            write_state(state, path)
             sinks.log_artifact(path)
     args_path = os.path.join(model_dir, "args.json")
     with open(args_path, "w") as f:

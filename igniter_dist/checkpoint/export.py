@@ -23,9 +23,13 @@ def export_model(model: nn.Module, path_or_url: str) -> None:
 
     Call it on rank 0 only. A `.safetensors` name writes safetensors; anything else `torch.save`.
     """
-    state = {k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v
-             for k, v in unwrap(model).state_dict().items()}
-    write_state(state, path_or_url)
+    write_state(model_state(model), path_or_url)
+
+
+def model_state(model: nn.Module) -> dict[str, Any]:
+    """The unwrapped model's full state dict, copied to the CPU."""
+    return {k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v
+            for k, v in unwrap(model).state_dict().items()}
 
 
 def write_state(state: dict[str, Any], path_or_url: str) -> None:
