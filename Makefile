@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --constraint constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test docs bench clean
+.PHONY: venv demo lint test docs bench clean
 
 venv: $(VENV)/.installed
 
@@ -17,6 +17,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: venv
 	rm -rf runs/demo
 	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 examples/digits/train.py --max-epochs 10 --checkpoint-dir runs/demo/checkpoints --output-dir runs/demo/output --model-dir runs/demo/model
+
+# ruff (lint, import order) and mypy over the whole tree; benchmarks/ holds several bench.py
+# scripts that import their siblings by path, so mypy checks each of its folders on its own.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	for d in benchmarks/checkpoint benchmarks/metrics "benchmarks/overhead benchmarks/harness.py benchmarks/run_all.py"; do \
+		MYPYPATH=benchmarks:benchmarks/overhead $(VENV)/bin/mypy $$d || exit 1; done
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)

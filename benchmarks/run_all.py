@@ -17,8 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import BENCH, BENCH_PYTHON, OUT, ROOT, child_env, machine  # noqa: E402
+from harness import BENCH, BENCH_PYTHON, OUT, ROOT, child_env, machine
 
+QUICK_NOTE = " (--quick: smoke-check sizes, not measurements)"
 PARTS = ("metrics", "overhead", "checkpoint")
 
 
@@ -54,7 +55,7 @@ def main() -> None:
         f"Measured {before['date']} on {before['cpu']}, {before['cores']} cores, no GPU; "
         f"Python {before['python']}, torch {before['torch']}; one intra-op thread per rank.\n"
         f"Load average (1/5/15 min) before: {before['load_avg_1_5_15']}, after: {after['load_avg_1_5_15']}; "
-        f"total {time.perf_counter() - started:.0f} s{' (--quick: smoke-check sizes, not measurements)' if args.quick else ''}.\n\n"
+        f"total {time.perf_counter() - started:.0f} s{QUICK_NOTE if args.quick else ''}.\n\n"
         "```text\n" + "\n".join(commands) + "\n```\n"
     )
     report = header + "\n" + "\n\n".join(s.strip() for s in sections) + "\n"

@@ -9,7 +9,7 @@ DOCS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(DOCS, "_ext"))  # cli_parsers: the full `igniter-dist` parser for sphinx-argparse
 sys.path.insert(0, os.path.dirname(DOCS))  # igniter_dist itself, also when it is not installed
 
-import igniter_dist  # noqa: E402
+import igniter_dist
 
 project = "igniter-dist"
 author = "igniter-dist authors"

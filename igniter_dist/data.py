@@ -122,6 +122,12 @@ def _rebuildable(loader: DataLoader, what: str) -> bool:
     return not _user_sharded(loader)
 
 
+def _size(loader: DataLoader) -> int:
+    """The dataset's length (`_rebuildable` checked that it has one)."""
+    assert isinstance(loader.dataset, Sized)
+    return len(loader.dataset)
+
+
 def shard_train_loader(loader: DataLoader, rank: int, world_size: int, seed: int) -> DataLoader:
     """Rebuild a training loader around a ShardedSampler (shuffled when the user asked for shuffle)."""
     if not _rebuildable(loader, "training"):
@@ -131,7 +137,7 @@ def shard_train_loader(loader: DataLoader, rank: int, world_size: int, seed: int
             f"The training loader's sampler {type(loader.sampler).__name__} cannot be sharded; "
             "pass shuffle=True/False instead, or a DistributedSampler that you manage yourself."
         )
-    sampler = ShardedSampler(len(loader.dataset), rank, world_size,
+    sampler = ShardedSampler(_size(loader), rank, world_size,
                              shuffle=isinstance(loader.sampler, RandomSampler), seed=seed)
     return _rebuild(loader, sampler, torch.Generator())
 
@@ -140,7 +146,7 @@ def shard_eval_loader(loader: DataLoader, rank: int, world_size: int) -> DataLoa
     """Rebuild an evaluation loader so the ranks together see every sample exactly once."""
     if world_size == 1 or not _rebuildable(loader, "evaluation"):
         return loader
-    return _rebuild(loader, EvalShardSampler(len(loader.dataset), rank, world_size), None)
+    return _rebuild(loader, EvalShardSampler(_size(loader), rank, world_size), None)
 
 
 def train_sampler(loader: DataLoader) -> ShardedSampler | DistributedSampler | None:

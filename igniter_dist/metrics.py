@@ -18,7 +18,10 @@ from .spec import MetricSpec, StepOutput
 
 
 class Metric:
-    """Feed the step outputs named by `keys` to a torchmetrics metric: `ig.Metric(Accuracy(...), "logits", "labels")`."""
+    """Feed the step outputs named by `keys` to a torchmetrics metric.
+
+    For example `ig.Metric(MulticlassAccuracy(num_classes=10), "logits", "labels")`.
+    """
 
     def __init__(self, metric: Any, *keys: str):
         import torchmetrics
@@ -29,7 +32,8 @@ class Metric:
                 "wrap your own computation in a torchmetrics.Metric or pass a function of the outputs."
             )
         if not keys:
-            raise ConfigError(f"ig.Metric({type(metric).__name__}) needs the output keys it reads, e.g. 'logits', 'labels'.")
+            raise ConfigError(f"ig.Metric({type(metric).__name__}) needs the output keys it reads, "
+                              "e.g. 'logits', 'labels'.")
         self.metric = metric
         self.keys = keys
 
@@ -133,7 +137,7 @@ class MetricSet:
             sums = torch.stack([totals, counts], dim=1)
             if self.distributed:
                 dist.all_reduce(sums)
-            for m, (total, count) in zip(self.means, sums.tolist()):  # host sync: only at log time
+            for m, (total, count) in zip(self.means, sums.tolist(), strict=True):  # host sync: only at log time
                 values[m.name] = total / count if count else float("nan")
         for name, spec in self.torchmetrics.items():
             v = spec.metric.compute()  # collective inside torchmetrics

@@ -18,18 +18,18 @@ def seed_everything(seed: int) -> None:
 def get_rng_state() -> dict[str, Any]:
     """This process's RNG states as tensors and ints (safe to store and to load with weights_only)."""
     py_version, py_state, py_gauss = random.getstate()
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    np_state = np.random.get_state(legacy=False)
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": torch.tensor(py_state, dtype=torch.int64),
         "python_version": int(py_version),
         "python_gauss": float("nan") if py_gauss is None else float(py_gauss),
-        "numpy_keys": torch.from_numpy(np_keys.astype(np.int64)),
-        "numpy_pos": int(np_pos),
-        "numpy_has_gauss": int(np_has_gauss),
-        "numpy_gauss": float(np_gauss),
+        "numpy_keys": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+        "numpy_pos": int(np_state["state"]["pos"]),
+        "numpy_has_gauss": int(np_state["has_gauss"]),
+        "numpy_gauss": float(np_state["gauss"]),
     }
-    assert np_kind == "MT19937"
+    assert np_state["bit_generator"] == "MT19937"
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
     return state

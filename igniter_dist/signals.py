@@ -95,8 +95,8 @@ class StopFlag:
             return 0, False  # every rank counts the same calls and intervals, so all check together
         agreed, interval = (0, False), 1
         if self._pending is not None:
-            *agreed, proposed = self._finish()
-            interval = proposed or self.check_every
+            signum, save, proposed = self._finish()
+            agreed, interval = (signum, save), proposed or self.check_every
         self._flag[0], self._flag[1], self._flag[2] = self.requested, int(save_due), self._propose()
         work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
         self._pending = (work, self._flag)

@@ -14,8 +14,9 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples", "digits"))
-import igniter_dist as ig  # noqa: E402
-from train import datasets  # noqa: E402
+from train import datasets
+
+import igniter_dist as ig
 
 WARMUP, CHECKED = 20, 40
 

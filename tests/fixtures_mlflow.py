@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ def clean_mlflow_env(monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory) -> str:
+def mlflow_server(tmp_path_factory) -> Iterator[str]:
     """The URL of one `mlflow server` shared by the session: "http://127.0.0.1:<port>"."""
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()

@@ -8,8 +8,10 @@ os.environ so torchrun children inherit them) and `s3_bucket` (a fresh bucket, "
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -45,12 +47,10 @@ class StoppableS3Server:
 
     def __init__(self, port: int = 0):
         self.port = port
-        self._server = None
-        self._thread = None
+        self._server: Any = None  # a werkzeug server once started
+        self._thread: threading.Thread | None = None
 
     def start(self) -> StoppableS3Server:
-        import threading
-
         from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
         from werkzeug.serving import make_server
 
@@ -67,11 +67,11 @@ class StoppableS3Server:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        if self._server is not None:
+        if self._server is not None and self._thread is not None:
             self._server.shutdown()
             self._server.server_close()
             self._thread.join()
-            self._server = None
+            self._server = self._thread = None
 
 
 @pytest.fixture(scope="session")

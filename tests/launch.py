@@ -50,7 +50,7 @@ def run(cmd: list[str], *, env: dict[str, str] | None = None, timeout: float = 3
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
         out, err = p.communicate()
-        raise AssertionError(f"timed out after {timeout}s: {cmd}\n--- stdout\n{out}\n--- stderr\n{err}")
+        raise AssertionError(f"timed out after {timeout}s: {cmd}\n--- stdout\n{out}\n--- stderr\n{err}") from None
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
@@ -67,6 +67,7 @@ def python(script: str | Path, args: list[str], *, env: dict[str, str] | None = 
 def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     """Fail with both output streams when the process failed."""
     assert result.returncode == 0, (
-        f"exit {result.returncode}: {result.args}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-6000:]}"
+        f"exit {result.returncode}: {result.args}\n"
+        f"--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-6000:]}"
     )
     return result

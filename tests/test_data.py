@@ -68,7 +68,7 @@ def test_loaders_are_rebuilt_keeping_the_users_settings():
 
 def test_a_users_distributed_sampler_is_left_alone():
     ds = TensorDataset(torch.arange(10))
-    sampler = DistributedSampler(ds, num_replicas=2, rank=0)
+    sampler: DistributedSampler = DistributedSampler(ds, num_replicas=2, rank=0)
     user = DataLoader(ds, batch_size=2, sampler=sampler)
     assert shard_train_loader(user, 0, 2, seed=1) is user
     assert shard_eval_loader(user, 0, 2) is user

@@ -79,7 +79,8 @@ def test_metrics_are_identical_on_every_rank(two_rank_run):
 
 
 def test_an_unprepared_model_is_refused_on_two_ranks(tmp_path):
-    result = torchrun(PROBE, ["--mode", "unprepared", "--report-dir", str(tmp_path), "--checkpoint-dir", "none"], nproc=2)
+    args = ["--mode", "unprepared", "--report-dir", str(tmp_path), "--checkpoint-dir", "none"]
+    result = torchrun(PROBE, args, nproc=2)
     assert result.returncode != 0
     assert "ig.prepare(model)" in result.stderr and "2 ranks" in result.stderr
 

@@ -55,7 +55,7 @@ def test_metric_objects_must_be_torchmetrics():
     with pytest.raises(ConfigError, match="torchmetrics.Metric instance"):
         Metric(object(), "logits")
     with pytest.raises(ConfigError, match="expected an output key"):
-        MetricSet({"x": 3}, torch.device("cpu"), distributed=False)
+        MetricSet({"x": 3}, torch.device("cpu"), distributed=False)  # type: ignore[dict-item]  # the wrong type is the test
 
 
 def test_accumulators_round_trip_through_state_dict():

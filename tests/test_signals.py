@@ -1,5 +1,6 @@
 """The stop flag: handlers set a flag only, the user's handlers come back, a second signal aborts."""
 
+import itertools
 import os
 import signal
 import subprocess
@@ -26,7 +27,8 @@ def test_handlers_set_a_flag_and_the_users_handlers_are_restored():
 
 def test_a_second_signal_aborts_at_once_with_128_plus_signum():
     code = ("import os, signal, time; from igniter_dist.signals import StopFlag; f = StopFlag(False); f.install(); "
-            "os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGINT); time.sleep(5); print('not aborted')")
+            "os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGINT); time.sleep(5); "
+            "print('not aborted')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 130 and "not aborted" not in result.stdout
     assert "second SIGINT, aborting without saving" in result.stderr
@@ -58,5 +60,5 @@ def test_agreement_checks_every_step_until_timed_then_every_10_fast_steps(tmp_pa
     assert result.returncode == 0, result.stderr
     fast, slow = (eval(line.split(" ", 1)[1]) for line in result.stdout.splitlines())
     assert fast[:2] == [1, 2]  # the first check times nothing yet: the next one comes a step later
-    assert all(b - a == 10 for a, b in zip(fast[3:], fast[4:])) and len(fast) <= 8, fast
+    assert all(b - a == 10 for a, b in itertools.pairwise(fast[3:])) and len(fast) <= 8, fast
     assert slow == list(range(1, 13)), slow

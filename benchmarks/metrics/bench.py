@@ -14,18 +14,19 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "overhead"))
 
-import torch  # noqa: E402
-import torchmetrics  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+import torchmetrics
+from harness import OUT, RAW, machine, markdown_table, ratios, schedule, spread, write_json
+from torch import nn
+from workloads import BATCH_SIZE, LEARNING_RATE, WORKLOADS
 
-import igniter_dist as ig  # noqa: E402
-from harness import OUT, RAW, machine, markdown_table, ratios, schedule, spread, write_json  # noqa: E402
-from igniter_dist.metrics import MetricSet  # noqa: E402
-from workloads import BATCH_SIZE, LEARNING_RATE, WORKLOADS  # noqa: E402
+import igniter_dist as ig
+from igniter_dist.metrics import MetricSet
 
 Update = Callable[[dict[str, torch.Tensor]], None]
 
@@ -70,7 +71,7 @@ def timed_run(name: str, steps: int, warmup: int) -> dict[str, float]:
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
     criterion = nn.CrossEntropyLoss()
     data = workload.dataset((steps + warmup) * BATCH_SIZE).tensors
-    batches = list(zip(data[0].split(BATCH_SIZE), data[1].split(BATCH_SIZE)))
+    batches = list(zip(data[0].split(BATCH_SIZE), data[1].split(BATCH_SIZE), strict=True))
     update = make_update(name)
     totals, updates = [], []
     for inputs, labels in batches:
@@ -94,7 +95,7 @@ def main() -> None:
     args = p.parse_args()
     rounds, steps, warmup = (1, 60, 10) if args.quick else (6, 250, 30)
     torch.set_num_threads(1)
-    runs = []
+    runs: list[dict[str, Any]] = []
     for position, (rnd, name) in enumerate(schedule(VARIANTS, rounds)):
         runs.append({"round": rnd, "position": position, "impl": name, **timed_run(name, steps, warmup)})
     by_ratio = ratios(runs)

@@ -22,15 +22,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
-import torch.distributed as dist  # noqa: E402
+import torch.distributed as dist
+from harness import StepClock, timed_collectives, timed_loader_next
+from impls import igniter
+from workloads import WORKLOADS, RunContext
 
-import igniter_dist.engine as engine_mod  # noqa: E402
-from harness import StepClock, timed_collectives, timed_loader_next  # noqa: E402
-from igniter_dist.metrics import MetricSet  # noqa: E402
-from igniter_dist.signals import StopFlag  # noqa: E402
-from igniter_dist.tracking.base import NullSink, Sinks  # noqa: E402
-from impls import igniter  # noqa: E402
-from workloads import WORKLOADS, RunContext  # noqa: E402
+import igniter_dist.engine as engine_mod
+from igniter_dist.metrics import MetricSet
+from igniter_dist.signals import StopFlag
+from igniter_dist.tracking.base import NullSink, Sinks
 
 # (owner, attribute) of every call Engine.run makes once per iteration
 PER_ITERATION = [

@@ -16,8 +16,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness import (  # noqa: E402
-    BENCH_PYTHON, OUT, RAW, machine, markdown_table, median_of, ratios, run_logged, spread, torchrun_cmd,
+from harness import (
+    BENCH_PYTHON,
+    OUT,
+    RAW,
+    machine,
+    markdown_table,
+    median_of,
+    ratios,
+    run_logged,
+    spread,
+    torchrun_cmd,
     write_json,
 )
 

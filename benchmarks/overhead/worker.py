@@ -15,16 +15,16 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from harness import OUT, StepClock, schedule, timed_collectives, timed_loader_next, write_json  # noqa: E402
-from impls import IMPLS, available, runner  # noqa: E402
-from workloads import WORKLOADS, RunContext  # noqa: E402
+import torch
+import torch.distributed as dist
+from harness import OUT, StepClock, schedule, timed_collectives, timed_loader_next, write_json
+from impls import IMPLS, available, runner
+from workloads import WORKLOADS, RunContext
 
 
 def main() -> None:
@@ -61,8 +61,8 @@ def main() -> None:
         started = time.perf_counter()
         with timed_loader_next(clock), timed_collectives(clock):
             runner(name)(ctx)
-        record = {"round": rnd, "position": position, "impl": name, "wall_s": time.perf_counter() - started,
-                  **clock.summary(skip=args.warmup)}
+        record: dict[str, Any] = {"round": rnd, "position": position, "impl": name,
+                                  "wall_s": time.perf_counter() - started, **clock.summary(skip=args.warmup)}
         runs.append(record)
         if rank == 0:
             print(f"bench: round {rnd} {name:13s} median {record['median_s'] * 1e3:7.3f} ms  "

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from harness import StepClock
 from torch import nn
 from torch.utils.data import TensorDataset
-
-from harness import StepClock
 
 BATCH_SIZE = 64  # per rank
 LEARNING_RATE = 1e-3

@@ -12,6 +12,7 @@ Modes:
 import hashlib
 import json
 import os
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -78,7 +79,7 @@ def main(args):
         return {"loss": per_sample.mean(), "per_sample": per_sample, "value": idx.double(),
                 "logits": logits, "labels": y}
 
-    eval_metrics = {
+    eval_metrics: dict[str, Any] = {
         "loss": "loss",
         "per_sample": "per_sample",
         "value": "value",

@@ -31,6 +31,7 @@ def main(args):
             allreduces[0] += 1
             return allreduce_hook(state, bucket)
 
+        assert isinstance(model, nn.parallel.DistributedDataParallel)
         model.register_comm_hook(None, counting_hook)
     step = ig.supervised_step(model, nn.functional.cross_entropy, optimizer)
 
@@ -38,7 +39,8 @@ def main(args):
         out = step(engine, batch)
         if rt.rank == 1 and engine.state.step == 0:
             with torch.no_grad():  # a change to one replica only, behind DDP's back
-                unwrap(model)[0].bias.add_(1.0)
+                bias = unwrap(model).get_parameter("0.bias")
+                bias.add_(1.0)
         return out
 
     ig.train(

@@ -59,7 +59,7 @@ def main(args):
     seen: list[int] = []
     engine_scaler = [None]
 
-    fired = []
+    fired: list[int] = []
 
     def maybe_interrupt(step: int, where: str) -> None:
         if args.interrupt_at == step and args.interrupt_where == where and first_attempt and not fired:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-
 from workloads import BATCH_SIZE, LEARNING_RATE, LOG_EVERY, RunContext
 
 

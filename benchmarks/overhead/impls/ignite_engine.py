@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
-
 from workloads import BATCH_SIZE, LEARNING_RATE, LOG_EVERY, RunContext
 
 
@@ -18,7 +17,9 @@ def run(ctx: RunContext) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
     criterion = nn.CrossEntropyLoss()
     dataset = ctx.dataset()
-    sampler = DistributedSampler(dataset, shuffle=True, seed=1) if ctx.world_size > 1 else None
+    sampler: DistributedSampler | None = None
+    if ctx.world_size > 1:
+        sampler = DistributedSampler(dataset, shuffle=True, seed=1)
     loader = DataLoader(dataset, batch_size=BATCH_SIZE, sampler=sampler, shuffle=sampler is None)
 
     def train_step(engine, batch):

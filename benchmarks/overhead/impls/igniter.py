@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from workloads import BATCH_SIZE, LEARNING_RATE, LOG_EVERY, RunContext
 
 import igniter_dist as ig
-from workloads import BATCH_SIZE, LEARNING_RATE, LOG_EVERY, RunContext
 
 
 def run(ctx: RunContext, save_every: int | None = None) -> None:
