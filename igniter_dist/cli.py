@@ -16,8 +16,8 @@ from .errors import IgniterError
 # `register(parser: argparse.ArgumentParser) -> None` and `run(args: argparse.Namespace) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "checkpoints": ("igniter_dist.checkpoint.commands", "List, show, verify and export checkpoints."),
-    "sagemaker-entrypoint": ("igniter_dist.sagemaker_entrypoint", "Run a script under torchrun inside a SageMaker job."),
-    "launch": ("igniter_dist.launcher", "Launch a training job (SageMaker)."),
+    "sagemaker-entrypoint": ("igniter_dist.sagemaker.entrypoint", "Run a script under torchrun inside a SageMaker job."),
+    "launch": ("igniter_dist.sagemaker.launcher", "Launch a training job (SageMaker)."),
 }
 
 

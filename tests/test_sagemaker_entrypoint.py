@@ -14,10 +14,11 @@ import pytest
 
 from launch import PYTHON, ROOT, child_env, free_port
 
-from igniter_dist import sagemaker
+from igniter_dist import sagemaker  # the answers a script reads
 from igniter_dist.errors import ConfigError
-from igniter_dist.launcher import make_archive
-from igniter_dist.sagemaker_entrypoint import display, plan_node, resolve_script, torchrun_argv
+from igniter_dist.sagemaker import contract
+from igniter_dist.sagemaker.entrypoint import display, plan_node, resolve_script, torchrun_argv
+from igniter_dist.sagemaker.launcher import make_archive
 
 PROBE = ROOT / "tests" / "workers" / "sagemaker_probe.py"
 HOSTS = ["algo-2", "algo-1"]  # unsorted on purpose: SageMaker's order is not promised
@@ -83,7 +84,7 @@ def test_files_give_hosts_dirs_and_hyperparameters(job, monkeypatch):
     hps = sagemaker.hyperparameters()
     assert hps == {"epochs": "3", "flag": "True", "optimizer": "adam",
                    "sagemaker_program": "train.py", "sagemaker_region": "us-east-1"}
-    assert sagemaker.script_hyperparameters(hps) == ["--epochs", "3", "--flag", "True", "--optimizer", "adam"]
+    assert contract.script_hyperparameters(hps) == ["--epochs", "3", "--flag", "True", "--optimizer", "adam"]
     assert sagemaker.job_name() is None
     monkeypatch.setenv("TRAINING_JOB_NAME", "digits-2026")
     assert sagemaker.job_name() == "digits-2026"
@@ -94,7 +95,7 @@ def test_toolkit_variables_win_over_files(job, monkeypatch):
     monkeypatch.setenv("SM_CHANNEL_TRAIN", "/elsewhere/train")
     assert sagemaker.model_dir() == "/elsewhere/model"
     assert sagemaker.channel_dir("train") == "/elsewhere/train"
-    env = sagemaker.toolkit_environment(sagemaker.resource_config(), 0)
+    env = contract.toolkit_environment(sagemaker.resource_config(), 0)
     assert "SM_MODEL_DIR" not in env and "SM_CHANNEL_TRAIN" not in env
     assert env["SM_CHANNEL_EVAL"] == str(job / "input" / "data" / "eval")
     assert json.loads(env["SM_HOSTS"]) == ["algo-1", "algo-2"] and env["SM_CURRENT_HOST"] == "algo-1"
@@ -120,12 +121,12 @@ def test_hosts_sort_by_number_and_current_host_must_be_listed(tmp_path, monkeypa
 
 def test_host_addresses_test_hook(monkeypatch):
     monkeypatch.delenv("SAGEMAKER_HOST_ADDRESSES", raising=False)
-    assert sagemaker.host_address("algo-1") == "algo-1"
+    assert contract.host_address("algo-1") == "algo-1"
     monkeypatch.setenv("SAGEMAKER_HOST_ADDRESSES", "algo-1=127.0.0.1, algo-2=127.0.0.2")
-    assert sagemaker.host_address("algo-2") == "127.0.0.2"
+    assert contract.host_address("algo-2") == "127.0.0.2"
     monkeypatch.setenv("SAGEMAKER_HOST_ADDRESSES", "algo-1")
     with pytest.raises(ConfigError, match="host=address"):
-        sagemaker.host_address("algo-1")
+        contract.host_address("algo-1")
 
 
 # The torchrun command, as a pure function

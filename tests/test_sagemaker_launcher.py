@@ -11,7 +11,7 @@ import pytest
 
 from igniter_dist import cli
 from igniter_dist.errors import ConfigError
-from igniter_dist.launcher import SHUTDOWN_TIMEOUT_S, default_job_name, script_hyperparameters
+from igniter_dist.sagemaker.launcher import SHUTDOWN_TIMEOUT_S, default_job_name, script_hyperparameters
 
 ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
 IMAGE = "123456789012.dkr.ecr.us-west-2.amazonaws.com/igniter-dist:latest"

@@ -15,9 +15,9 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import sagemaker
-from .args import REDACTED, is_secret
-from .errors import ConfigError
+from ..args import REDACTED, is_secret
+from ..errors import ConfigError
+from . import contract
 
 # SageMaker starts a bring-your-own container as `docker run IMAGE train`.
 TRAIN_WORD = "train"
@@ -37,7 +37,7 @@ class NodePlan:
 
 
 def plan_node(
-    config: sagemaker.ResourceConfig,
+    config: contract.ResourceConfig,
     hyperparameters: dict[str, str],
     script: str,
     script_args: list[str],
@@ -55,7 +55,7 @@ def plan_node(
         master_addr=master_addr or config.master_host,
         master_port=master_port,
         script=script,
-        script_args=(*script_args, *sagemaker.script_hyperparameters(hyperparameters)),
+        script_args=(*script_args, *contract.script_hyperparameters(hyperparameters)),
     )
 
 
@@ -112,7 +112,7 @@ def unpack_code(archive: Path, target: Path) -> None:
 
 
 def _gpu_count() -> int:
-    known = sagemaker.num_gpus()
+    known = contract.num_gpus()
     if known is not None:
         return known
     import torch  # only when the toolkit did not say; this process is replaced right after
@@ -133,22 +133,22 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = sagemaker.resource_config()
+    config = contract.resource_config()
     if config is None:
-        raise ConfigError(f"not inside a SageMaker job: {sagemaker.config_dir() / 'resourceconfig.json'} is missing "
+        raise ConfigError(f"not inside a SageMaker job: {contract.config_dir() / 'resourceconfig.json'} is missing "
                           "(set SAGEMAKER_BASE_DIR to a folder laid out as /opt/ml to simulate one).")
-    hps = sagemaker.hyperparameters()
+    hps = contract.hyperparameters()
     script = resolve_script(args.script, hps)
-    archive = sagemaker.code_archive()
+    archive = contract.code_archive()
     if archive is not None:
-        unpack_code(archive, sagemaker.code_dir())
-        os.chdir(sagemaker.code_dir())
+        unpack_code(archive, contract.code_dir())
+        os.chdir(contract.code_dir())
     gpus = _gpu_count()
     plan = plan_node(
         config, hps, script, list(args.script_args),
         nproc_per_node=args.nproc_per_node or max(1, gpus),
-        master_port=args.master_port or sagemaker.master_port(),
-        master_addr=sagemaker.host_address(config.master_host),
+        master_port=args.master_port or contract.master_port(),
+        master_addr=contract.host_address(config.master_host),
     )
     argv = torchrun_argv(plan)
     if args.print_only:
@@ -156,6 +156,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"igniter-dist: host {config.current_host} is node {plan.node_rank} of {plan.nnodes}: {display(argv)}",
           file=sys.stderr, flush=True)
-    env = {**os.environ, **sagemaker.toolkit_environment(config, gpus)}
+    env = {**os.environ, **contract.toolkit_environment(config, gpus)}
     os.execve(argv[0], argv, env)  # never returns: torchrun takes this PID and its signals
     return 0  # pragma: no cover

@@ -2,7 +2,7 @@
 
 SageMaker's training toolkit sets SM_* variables; a bring-your-own container sees only the files
 under /opt/ml and TRAINING_JOB_NAME, so every answer here falls back to the files. Nothing here
-imports the sagemaker SDK; the launcher lives in `igniter_dist.launcher`.
+imports the sagemaker SDK or boto3; the launcher lives in `igniter_dist.sagemaker.launcher`.
 
 Test hooks (read here, nowhere else): SAGEMAKER_BASE_DIR replaces /opt/ml, and
 SAGEMAKER_HOST_ADDRESSES (`algo-1=127.0.0.1,algo-2=127.0.0.1`) maps host names to addresses, so a
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 DEFAULT_BASE_DIR = "/opt/ml"
 MASTER_PORT = 7777  # the port SageMaker's own torchrun launcher uses

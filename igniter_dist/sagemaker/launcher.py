@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from .args import parse_bool, positive_int
-from .errors import ConfigError
+from ..args import parse_bool, positive_int
+from ..errors import ConfigError
 
 CODE_CHANNEL = "code"  # the entrypoint unpacks <channel>/sourcedir.tar.gz into /opt/ml/code
 CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"
