@@ -216,27 +216,12 @@ def build_parser(
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse once; drop SageMaker's own `--sagemaker_*` hyperparameters."""
+    """Parse once; SageMaker's own `--sagemaker_*` hyperparameters are dropped inside a job only."""
     args, unknown = parser.parse_known_args(argv)
-    leftovers = [u for u in _strip_sagemaker_keys(unknown)]
+    leftovers = sagemaker.script_leftovers(unknown)
     if leftovers:
         parser.error(f"unrecognized arguments: {' '.join(leftovers)}")
     return args
-
-
-def _strip_sagemaker_keys(unknown: list[str]) -> list[str]:
-    out: list[str] = []
-    skip_value = False
-    for tok in unknown:
-        if skip_value:
-            skip_value = False
-            if not tok.startswith("--"):
-                continue
-        if tok.startswith("--sagemaker_") or tok.startswith("--sagemaker-"):
-            skip_value = "=" not in tok
-            continue
-        out.append(tok)
-    return out
 
 
 def parser_for_docs() -> argparse.ArgumentParser:

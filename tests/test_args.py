@@ -34,6 +34,7 @@ def test_schedules_parse_epochs_and_steps():
 
 
 def test_sagemaker_keys_are_ignored_and_inputs_get_flags(monkeypatch):
+    monkeypatch.setenv("TRAINING_JOB_NAME", "job")  # inside a job only (tests/test_sagemaker_args.py)
     monkeypatch.setenv("SM_CHANNEL_DATA", "/opt/ml/input/data/data")
     p = build_parser(inputs={"data": "data"})
     args = parse_args(p, ["--sagemaker_program", "train.py", "--sagemaker_submit_directory", "s3://b/x",

@@ -18,6 +18,7 @@ from .contract import (
     model_dir,
     output_dir,
     resource_config,
+    script_leftovers,
 )
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "model_dir",
     "output_dir",
     "resource_config",
+    "script_leftovers",
 ]

@@ -22,6 +22,9 @@ from ..errors import ConfigError
 DEFAULT_BASE_DIR = "/opt/ml"
 MASTER_PORT = 7777  # the port SageMaker's own torchrun launcher uses
 CHECKPOINT_HYPERPARAMETERS = ("checkpoint-dir", "checkpoint_dir")
+JOB_KEY = "--sagemaker_"  # SageMaker's own hyperparameters: sagemaker_program, sagemaker_region, ...
+OLD_FLAG = "--sagemaker-"  # pytorch-igniter's job flags: --sagemaker-run, --sagemaker-instance-type, ...
+LAUNCH = "igniter-dist launch sagemaker SCRIPT [OPTIONS] [-- SCRIPT_ARGS]"
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,35 @@ def script_hyperparameters(hps: dict[str, str]) -> list[str]:
         if not key.startswith("sagemaker_"):
             argv += [f"--{key}", value]
     return argv
+
+
+def script_leftovers(unknown: list[str]) -> list[str]:
+    """The arguments a script's parser did not know, less SageMaker's own `--sagemaker_*` keys inside a job.
+
+    Raises:
+        ConfigError: for a pytorch-igniter `--sagemaker-*` flag anywhere, or a `--sagemaker_*` key
+            outside a job, naming what replaces it.
+    """
+    inside = in_sagemaker()
+    leftovers: list[str] = []
+    dropped_key = False
+    for tok in unknown:
+        if dropped_key and not tok.startswith("--"):
+            dropped_key = False
+            continue  # the value of the key just dropped
+        dropped_key = False
+        key = tok.split("=", 1)[0]
+        if key.startswith(JOB_KEY) and inside:
+            dropped_key = "=" not in tok
+        elif key.startswith(OLD_FLAG):
+            raise ConfigError(f"{key} is a pytorch-igniter flag that igniter-dist does not take: "
+                              f"launch SageMaker jobs with `{LAUNCH}`.")
+        elif key.startswith(JOB_KEY):
+            raise ConfigError(f"{key} is one of SageMaker's own hyperparameters, ignored only inside a training "
+                              f"job; drop it here, or launch a job with `{LAUNCH}`.")
+        else:
+            leftovers.append(tok)
+    return leftovers
 
 
 def channels() -> list[str]:
