@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from launch import PYTHON, ROOT, child_env, free_port
-
 from igniter_dist import sagemaker  # the answers a script reads
 from igniter_dist.errors import ConfigError
 from igniter_dist.sagemaker import contract
-from igniter_dist.sagemaker.entrypoint import display, plan_node, resolve_script, torchrun_argv
+from igniter_dist.sagemaker.entrypoint import display, plan_node, resolve_script, torchrun_argv, wait_for_host
 from igniter_dist.sagemaker.launcher import make_archive
+from launch import PYTHON, ROOT, child_env, free_port, run
 
 PROBE = ROOT / "tests" / "workers" / "sagemaker_probe.py"
 HOSTS = ["algo-2", "algo-1"]  # unsorted on purpose: SageMaker's order is not promised
@@ -176,6 +175,75 @@ def test_outside_a_job_the_entrypoint_says_so(tmp_path):
     assert out.returncode == 2 and "not inside a SageMaker job" in out.stderr
 
 
+# The master host's name must resolve
+
+UNRESOLVED_FIX = ("; if the job runs in a VPC, enable DNS resolution and DNS hostnames there, "
+                  "or raise --resolve-timeout / IGNITER_DIST_RESOLVE_TIMEOUT.")
+
+
+def test_wait_for_host_returns_at_once_or_gives_up_in_time():
+    wait_for_host("localhost", timeout_s=5)
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as e:
+        wait_for_host("algo-1.invalid", timeout_s=1.5)  # .invalid never resolves (RFC 6761)
+    assert 1.5 <= time.monotonic() - started < 30
+    assert str(e.value).startswith("the master host algo-1.invalid did not resolve within 1.5 s (")
+    assert str(e.value).endswith(UNRESOLVED_FIX)
+
+
+def test_resolve_timeout_setting(monkeypatch):
+    monkeypatch.delenv("IGNITER_DIST_RESOLVE_TIMEOUT", raising=False)
+    assert contract.resolve_timeout() == 60
+    monkeypatch.setenv("IGNITER_DIST_RESOLVE_TIMEOUT", "2.5")
+    assert contract.resolve_timeout() == 2.5
+    for bad in ("0", "soon", "nan"):
+        monkeypatch.setenv("IGNITER_DIST_RESOLVE_TIMEOUT", bad)
+        with pytest.raises(ConfigError, match=f"IGNITER_DIST_RESOLVE_TIMEOUT must be a positive number of seconds, "
+                                              f"got '{bad}'"):
+            contract.resolve_timeout()
+
+
+def unresolvable_job(tmp_path: Path) -> Path:
+    """algo-2 of a job whose master, algo-1.invalid, never resolves (RFC 6761)."""
+    base = layout(tmp_path / "ml", "algo-2", ["algo-1.invalid", "algo-2"], {"sagemaker_program": "train.py"})
+    (base / "code").mkdir()
+    (base / "code" / "train.py").write_text("raise SystemExit('torchrun started: the wait did not stop it')\n")
+    return base
+
+
+def test_unresolvable_master_fails_within_the_timeout(tmp_path):
+    """The host stops in seconds with one sentence, instead of torchrun retrying for many minutes."""
+    base = unresolvable_job(tmp_path)
+    env = {"SAGEMAKER_BASE_DIR": str(base), "SM_NUM_GPUS": "0", "IGNITER_DIST_RESOLVE_TIMEOUT": "3"}
+    started = time.monotonic()
+    result = run([PYTHON, "-m", "igniter_dist.cli", "sagemaker-entrypoint", "train"], env=env, cwd=base / "code",
+                 timeout=300)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stderr.splitlines()
+    assert lines[0] == "igniter-dist: waiting up to 3 s for the master host algo-1.invalid to resolve"
+    assert lines[-1].startswith("igniter-dist: error: the master host algo-1.invalid did not resolve within 3 s (")
+    assert lines[-1].endswith(UNRESOLVED_FIX) and len(lines) == 2
+    # SageMaker reports /opt/ml/output/failure as the job's FailureReason.
+    assert (base / "output" / "failure").read_text() == lines[-1].removeprefix("igniter-dist: error: ") + "\n"
+    assert elapsed < 60  # loose: interpreter startup included, on a loaded machine
+
+
+def test_resolve_timeout_option_wins_over_the_variable(tmp_path, monkeypatch):
+    from igniter_dist.sagemaker import entrypoint
+
+    for key in [k for k in os.environ if k.startswith("SM_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("SAGEMAKER_BASE_DIR", str(unresolvable_job(tmp_path)))
+    monkeypatch.setenv("SM_NUM_GPUS", "0")
+    monkeypatch.setenv("IGNITER_DIST_RESOLVE_TIMEOUT", "600")
+    parser = argparse.ArgumentParser()
+    entrypoint.register(parser)
+    args = parser.parse_args(["--resolve-timeout", "1", "train"])
+    with pytest.raises(ConfigError, match="did not resolve within 1 s"):
+        entrypoint.run(args)
+
+
 # Two simulated hosts, for real
 
 def _start_hosts(tmp_path: Path, hyperparameters: dict[str, str]) -> tuple[list[subprocess.Popen], Path]:
@@ -217,7 +285,7 @@ def _finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, st
                 if q.poll() is None:
                     os.killpg(q.pid, signal.SIGKILL)
             output, _ = p.communicate()
-            raise AssertionError(f"host did not finish in {timeout}s:\n{output[-4000:]}")
+            raise AssertionError(f"host did not finish in {timeout}s:\n{output[-4000:]}") from None
         results.append((p.returncode, output))
     return results
 

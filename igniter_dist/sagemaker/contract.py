@@ -25,6 +25,7 @@ CHECKPOINT_HYPERPARAMETERS = ("checkpoint-dir", "checkpoint_dir")
 JOB_KEY = "--sagemaker_"  # SageMaker's own hyperparameters: sagemaker_program, sagemaker_region, ...
 OLD_FLAG = "--sagemaker-"  # pytorch-igniter's job flags: --sagemaker-run, --sagemaker-instance-type, ...
 LAUNCH = "igniter-dist launch sagemaker SCRIPT [OPTIONS] [-- SCRIPT_ARGS]"
+RESOLVE_TIMEOUT_S = 60.0  # DNS of a fresh cluster lags seconds, not minutes
 
 
 @dataclass(frozen=True)
@@ -234,6 +235,18 @@ def master_port() -> int:
         raise ConfigError(f"SM_MASTER_PORT must be a port number, got {value!r}.") from None
 
 
+def resolve_timeout() -> float:
+    """Seconds the entrypoint waits for the master host's name to resolve: IGNITER_DIST_RESOLVE_TIMEOUT, else 60."""
+    value = os.environ.get("IGNITER_DIST_RESOLVE_TIMEOUT") or str(RESOLVE_TIMEOUT_S)
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ConfigError(f"IGNITER_DIST_RESOLVE_TIMEOUT must be a positive number of seconds, got {value!r}.")
+    return seconds
+
+
 def host_address(host: str) -> str:
     """The address to reach `host` at: its name (SageMaker's DNS resolves it), or SAGEMAKER_HOST_ADDRESSES' entry."""
     mapping = os.environ.get("SAGEMAKER_HOST_ADDRESSES", "")
@@ -244,6 +257,16 @@ def host_address(host: str) -> str:
         if name.strip() == host:
             return address.strip()
     return host
+
+
+def write_failure(message: str) -> None:
+    """Leave `message` in /opt/ml/output/failure, which SageMaker reports as the job's FailureReason."""
+    path = base_dir() / "output" / "failure"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(message + "\n")
+    except OSError:
+        pass  # best effort: the message is on stderr, in the job's log, as well
 
 
 def code_dir() -> Path:

@@ -1,22 +1,26 @@
 """`igniter-dist sagemaker-entrypoint`: run a script under torchrun on every host of a SageMaker job.
 
-Each host reads resourceconfig.json, takes node rank = its index among the sorted hosts, and
-replaces itself (exec) with `python -m torch.distributed.run`, so SageMaker's SIGTERM on stop or
-spot interruption reaches torchrun, which forwards it to the workers.
+Each host reads resourceconfig.json, takes node rank = its index among the sorted hosts, waits
+for the master host's name to resolve, and replaces itself (exec) with `python -m
+torch.distributed.run`, so SageMaker's SIGTERM on stop or spot interruption reaches torchrun,
+which forwards it to the workers.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import shlex
+import socket
 import sys
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..args import REDACTED, is_secret
-from ..errors import ConfigError
+from ..args import REDACTED, is_secret, positive_float
+from ..errors import ConfigError, IgniterError
 from . import contract
 
 # SageMaker starts a bring-your-own container as `docker run IMAGE train`.
@@ -111,6 +115,33 @@ def unpack_code(archive: Path, target: Path) -> None:
             tar.extractall(target)
 
 
+def wait_for_host(host: str, timeout_s: float) -> None:
+    """Return once `host` resolves, retrying with a short backoff: a fresh cluster's DNS may lag seconds.
+
+    Raises:
+        ConfigError: when it still does not resolve after `timeout_s` (torchrun would retry for many minutes).
+    """
+    deadline = time.monotonic() + timeout_s
+    delay = 0.5
+    for attempt in itertools.count():
+        try:
+            socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+            return
+        except OSError as e:  # socket.gaierror: no such name, or no answer yet
+            error = e
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        if attempt == 0:
+            print(f"igniter-dist: waiting up to {timeout_s:g} s for the master host {host} to resolve",
+                  file=sys.stderr, flush=True)
+        time.sleep(min(delay, remaining))
+        delay = min(2 * delay, 5.0)
+    raise ConfigError(f"the master host {host} did not resolve within {timeout_s:g} s ({error.strerror or error}); "
+                      "if the job runs in a VPC, enable DNS resolution and DNS hostnames there, "
+                      "or raise --resolve-timeout / IGNITER_DIST_RESOLVE_TIMEOUT.")
+
+
 def _gpu_count() -> int:
     known = contract.num_gpus()
     if known is not None:
@@ -125,6 +156,9 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="Processes per host (default: SM_NUM_GPUS, else the GPUs seen, at least 1).")
     parser.add_argument("--master-port", type=int, default=None,
                         help="Rendezvous port on the first host (default: 7777, or SM_MASTER_PORT).")
+    parser.add_argument("--resolve-timeout", type=positive_float, default=None, metavar="SECONDS",
+                        help="How long to wait for the master host's name to resolve before failing "
+                             "(default: IGNITER_DIST_RESOLVE_TIMEOUT, else 60).")
     parser.add_argument("--print-only", action="store_true",
                         help="Print the torchrun command instead of running it.")
     parser.add_argument("script", nargs="?", default=None,
@@ -137,6 +171,24 @@ def run(args: argparse.Namespace) -> int:
     if config is None:
         raise ConfigError(f"not inside a SageMaker job: {contract.config_dir() / 'resourceconfig.json'} is missing "
                           "(set SAGEMAKER_BASE_DIR to a folder laid out as /opt/ml to simulate one).")
+    try:
+        argv, plan, gpus = _prepare(args, config)
+        if args.print_only:
+            print(display(argv))
+            return 0
+        wait_for_host(plan.master_addr, args.resolve_timeout or contract.resolve_timeout())
+    except IgniterError as e:
+        contract.write_failure(str(e))  # SageMaker shows it as the job's FailureReason
+        raise
+    print(f"igniter-dist: host {config.current_host} is node {plan.node_rank} of {plan.nnodes}: {display(argv)}",
+          file=sys.stderr, flush=True)
+    env = {**os.environ, **contract.toolkit_environment(config, gpus)}
+    os.execve(argv[0], argv, env)  # never returns: torchrun takes this PID and its signals
+    return 0  # pragma: no cover
+
+
+def _prepare(args: argparse.Namespace, config: contract.ResourceConfig) -> tuple[list[str], NodePlan, int]:
+    """The torchrun command for this host, its plan and the GPUs seen; the job's code unpacked into /opt/ml/code."""
     hps = contract.hyperparameters()
     script = resolve_script(args.script, hps)
     archive = contract.code_archive()
@@ -150,12 +202,4 @@ def run(args: argparse.Namespace) -> int:
         master_port=args.master_port or contract.master_port(),
         master_addr=contract.host_address(config.master_host),
     )
-    argv = torchrun_argv(plan)
-    if args.print_only:
-        print(display(argv))
-        return 0
-    print(f"igniter-dist: host {config.current_host} is node {plan.node_rank} of {plan.nnodes}: {display(argv)}",
-          file=sys.stderr, flush=True)
-    env = {**os.environ, **contract.toolkit_environment(config, gpus)}
-    os.execve(argv[0], argv, env)  # never returns: torchrun takes this PID and its signals
-    return 0  # pragma: no cover
+    return torchrun_argv(plan), plan, gpus
