@@ -1,4 +1,4 @@
-"""The `igniter-dist` command: checkpoint tools, the SageMaker entrypoint and launchers.
+"""igniter-dist: checkpoint tools, the SageMaker entrypoint and job launchers.
 
 Each subcommand's module registers its own parser and is imported lazily, only when used.
 """
@@ -16,27 +16,29 @@ from .errors import IgniterError
 # `register(parser: argparse.ArgumentParser) -> None` and `run(args: argparse.Namespace) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "checkpoints": ("igniter_dist.checkpoint.commands", "List, show, verify and export checkpoints."),
-    "sagemaker-entrypoint": ("igniter_dist.sagemaker.entrypoint", "Run a script under torchrun inside a SageMaker job."),
-    "launch": ("igniter_dist.sagemaker.launcher", "Launch a training job (SageMaker)."),
+    "launch": ("igniter_dist.sagemaker.launcher", "Launch a training job (on SageMaker)."),
+    "sagemaker-entrypoint": ("igniter_dist.sagemaker.entrypoint",
+                             "Inside a SageMaker job: run a script under torchrun on this host."),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="igniter-dist", description=__doc__.splitlines()[0])
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `igniter-dist` parser, with the options of `command` (the one about to run) registered."""
+    parser = argparse.ArgumentParser(prog="igniter-dist", description=__doc__.splitlines()[0],
+                                     epilog="igniter-dist COMMAND --help shows a command's options.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
         sp.set_defaults(_module=module)
-        # Register lazily only the chosen command, so `--help` stays fast and extras stay optional.
-        if len(sys.argv) > 1 and sys.argv[1] == name:
+        # Only the chosen command is imported, so `--help` stays fast and extras stay optional.
+        if name == command:
             importlib.import_module(module).register(sp)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
-    args = build_parser().parse_args(sys.argv[1:])
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except IgniterError as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 import sys
 import tarfile
 
@@ -12,6 +13,7 @@ import pytest
 from igniter_dist import cli
 from igniter_dist.errors import ConfigError
 from igniter_dist.sagemaker.launcher import SHUTDOWN_TIMEOUT_S, default_job_name, script_hyperparameters
+from launch import child_env
 
 ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
 IMAGE = "123456789012.dkr.ecr.us-west-2.amazonaws.com/igniter-dist:latest"
@@ -129,7 +131,6 @@ def test_script_in_a_subfolder_of_the_source_dir(source, monkeypatch, capsys):
     (["--role", "SageMakerRole"], "--role must be an IAM role ARN"),
     (["--max-wait", "100"], "--max-wait applies to spot jobs only"),
     (["--spot", "true", "--max-run", "600", "--max-wait", "100"], "must be at least --max-run"),
-    (["--spot", "maybe"], "expected true or false"),
     (["--input", "data=/local/data"], "must be an s3:// URI"),
     (["--input", "code=s3://b/c"], "not 'code'"),
     (["--checkpoint-s3-uri", "/tmp/ckpt"], "must start with s3://"),
@@ -137,13 +138,74 @@ def test_script_in_a_subfolder_of_the_source_dir(source, monkeypatch, capsys):
     (["--", "--flag"], "has no value"),
     (["--", "positional"], "is not a --key value pair"),
     (["--instance-count", "2", "--checkpoint-s3-uri", "s3://b/c", "--", "--checkpoint-dir", "s3://b/d"], "not both"),
-    (["--bogus", "1"], "unknown launch option"),
 ])
 def test_mistakes_get_one_sentence(source, monkeypatch, capsys, extra, message):
     code, out, err = launch(monkeypatch, capsys, str(source / "train.py"), "--instance-type", "ml.c5.xlarge",
                             "--image", IMAGE, "--role", ROLE, "--region", "us-east-1", "--dry-run", "true", *extra)
     assert code == 2 and out == ""
     assert message in err and err.count("\n") == 1, err
+
+
+AFTER = " (the script's own arguments go after --)"
+
+
+@pytest.mark.parametrize("before, after, message", [
+    ([], ["--bogus", "1"], "unrecognized arguments: --bogus" + AFTER),
+    (["--bogus", "1"], [], "unrecognized arguments: --bogus" + AFTER),
+    ([], ["--instance", "2"], "unrecognized arguments: --instance" + AFTER),  # no abbreviations
+    ([], ["other.py"], "unrecognized arguments: other.py" + AFTER),
+    ([], ["--spot", "maybe"], "argument --spot: expected true or false, got 'maybe'"),
+    ([], ["--wait", "maybe", "--poll", "1"], "argument --wait: expected true or false, got 'maybe'"),
+    ([], ["--max-run", "0"], "argument --max-run: must be a positive integer, got '0'"),
+])
+def test_bad_options_are_usage_errors(source, monkeypatch, capsys, before, after, message):
+    with pytest.raises(SystemExit) as exit_:
+        launch(monkeypatch, capsys, *before, str(source / "train.py"), "--dry-run", "--instance-type", "ml.c5.xlarge",
+               "--image", IMAGE, "--role", ROLE, "--region", "us-east-1", *after)
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and out == ""
+    assert err.splitlines() == ["usage: igniter-dist launch sagemaker SCRIPT [OPTIONS] [-- SCRIPT_ARGS]",
+                                f"igniter-dist launch sagemaker: error: {message}"]
+
+
+def test_switches_stand_alone_before_or_after_the_script(source, monkeypatch, capsys):
+    common = ["--instance-type", "ml.c5.xlarge", "--image", IMAGE, "--role", ROLE, "--region", "us-east-1"]
+    code, out, err = launch(monkeypatch, capsys, "--dry-run", "--spot", str(source / "train.py"), *common)
+    assert code == 0, err
+    request = json.loads(out)
+    assert request["EnableManagedSpotTraining"] is True
+    assert request["HyperParameters"] == {"sagemaker_program": "train.py"}
+    code, out, err = launch(monkeypatch, capsys, str(source / "train.py"), *common, "--spot", "--dry-run",
+                            "--", "--max-epochs", "3", "--dry-run", "x")
+    assert code == 0, err
+    request = json.loads(out)
+    assert request["EnableManagedSpotTraining"] is True
+    assert request["HyperParameters"] == {"max-epochs": "3", "dry-run": "x", "sagemaker_program": "train.py"}
+    code, out, err = launch(monkeypatch, capsys, str(source / "train.py"), *common, "--spot", "false", "--dry-run")
+    assert code == 0, err
+    assert json.loads(out)["EnableManagedSpotTraining"] is False
+
+
+def test_help_reads_well():
+    def helps(*argv: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "igniter_dist.cli", *argv, "--help"], env=child_env(),
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+        return " ".join(result.stdout.split())  # argparse wraps to the terminal's width
+
+    top = helps()
+    assert "launch Launch a training job (on SageMaker)." in top
+    assert "igniter-dist COMMAND --help shows a command's options." in top
+    assert "sagemaker A SageMaker training job" in helps("launch")
+    sm = helps("launch", "sagemaker")
+    assert sm.startswith("usage: igniter-dist launch sagemaker SCRIPT [OPTIONS] [-- SCRIPT_ARGS]")
+    for shown in ("--instance-count N Instances (nodes) in the job (default: 1).",
+                  "--dry-run [{true,false}] Print the request as JSON and send nothing (default: false).",
+                  "--wait [{true,false}] Follow the job's status until it ends (default: true).",
+                  "--max-run SECONDS Seconds the job may train (default: 86400).",
+                  "(default: auto).", "--spot --dry-run -- --max-epochs 10"):
+        assert shown in sm, shown
+    assert "(default: None)" not in sm and "(default: [])" not in sm
 
 
 def test_hyperparameter_parsing_and_job_names():

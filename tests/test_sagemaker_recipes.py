@@ -9,10 +9,10 @@ import shutil
 import stat
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 from launch import PYTHON, ROOT, child_env, free_port
@@ -172,7 +172,7 @@ def test_pytorchjob_manifest():
 
 def test_sagemaker_recipe_dry_run():
     result = subprocess.run(
-        ["bash", str(ROOT / "launch" / "sagemaker" / "digits.sh"), "--dry-run", "true", "--region", "us-east-1"],
+        ["bash", str(ROOT / "launch" / "sagemaker" / "digits.sh"), "--dry-run", "--region", "us-east-1"],
         env=child_env({"IMAGE": "123456789012.dkr.ecr.us-east-1.amazonaws.com/igniter-dist:latest",
                        "ROLE": "arn:aws:iam::123456789012:role/SageMakerRole", "BUCKET": "my-bucket",
                        "DATA": "s3://my-bucket/digits",

@@ -1,7 +1,7 @@
 """`igniter-dist launch sagemaker`: build a SageMaker training job request, send it, follow its status.
 
-The request is built here as plain CreateTrainingJob JSON (printed by `--dry-run true`) and sent
-with boto3, imported lazily: every field the job gets is visible, and the container runs
+The request is built here as plain CreateTrainingJob JSON (printed by `--dry-run`) and sent with
+boto3, imported lazily: every field the job gets is visible, and the container runs
 `igniter-dist sagemaker-entrypoint`, which execs torchrun so SageMaker's SIGTERM reaches the workers.
 """
 
@@ -14,11 +14,13 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..args import parse_bool, positive_int
+from ..args import FALSE, TRUE, parse_bool, positive_int
 from ..errors import ConfigError
 
 CODE_CHANNEL = "code"  # the entrypoint unpacks <channel>/sourcedir.tar.gz into /opt/ml/code
@@ -32,6 +34,13 @@ TERMINAL = {"Completed", "Failed", "Stopped"}
 _JOB_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 _CHANNEL = re.compile(r"^[A-Za-z0-9.\-_]{1,64}$")
 _ROLE = re.compile(r"^arn:aws[a-z\-]*:iam::(\d{12}):role/.+$")
+SWITCHES = ("--spot", "--dry-run", "--wait")  # booleans that may stand alone: `--dry-run` is `--dry-run true`
+USAGE = "igniter-dist launch sagemaker SCRIPT [OPTIONS] [-- SCRIPT_ARGS]"
+DESCRIPTION = """Create a SageMaker training job that runs SCRIPT under torchrun on every instance.
+Options may come before or after SCRIPT; the script's own arguments follow --, each as --key value."""
+EXAMPLE = """example (prints the request, sends nothing):
+  igniter-dist launch sagemaker train.py --instance-count 2 --instance-type ml.g5.12xlarge \\
+      --image ECR_IMAGE_URI --role ROLE_ARN --region us-east-1 --spot --dry-run -- --max-epochs 10"""
 
 
 @dataclass(frozen=True)
@@ -207,49 +216,90 @@ def follow(job_name: str, region: str, poll_s: float, out: TextIO | None = None)
         time.sleep(poll_s)
 
 
-class _OptionParser(argparse.ArgumentParser):
-    """Parses the options written after SCRIPT; a bad value is a ConfigError, not an exit."""
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default once, as it is typed (`false`, not `False`); no default, nothing shown."""
 
-    def error(self, message: str):  # type: ignore[override]
-        raise ConfigError(f"{message}.")
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if not action.option_strings or action.default in (None, [], argparse.SUPPRESS):
+            return text
+        shown = str(action.default).lower() if isinstance(action.default, bool) else str(action.default)
+        return f"{text.removesuffix('.')} (default: {shown.replace('%', '%%')})."
+
+
+class _LaunchParser(argparse.ArgumentParser):
+    """Reads `SCRIPT [OPTIONS] [-- SCRIPT_ARGS]`, options before or after SCRIPT, a bare switch meaning true."""
+
+    def parse_known_args(self, args: Iterable[str] | None = None, namespace: Any = None) -> tuple[Any, list[str]]:
+        argv = list(sys.argv[1:] if args is None else args)
+        head, tail = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+        parsed, extra = super().parse_known_args(_spell_out_switches(head), namespace)
+        if extra:  # a usage error (exit 2), not left for the caller to ignore
+            self.error(_unrecognized(head, extra))
+        parsed.script_args = tail
+        return parsed, []
+
+
+def _spell_out_switches(argv: list[str]) -> list[str]:
+    """`--dry-run` not followed by true/false becomes `--dry-run=true`, so it never takes SCRIPT as its value."""
+    return [f"{tok}=true" if tok in SWITCHES and nxt.strip().lower() not in TRUE | FALSE else tok
+            for tok, nxt in pairwise([*argv, ""])]
+
+
+def _unrecognized(argv: list[str], extra: list[str]) -> str:
+    for flag, value in pairwise(argv):
+        if flag in SWITCHES and value in extra and not value.startswith("-"):  # `--spot maybe`: `maybe` left over
+            return f"argument {flag}: expected true or false, got {value!r}"
+    options = [tok for tok in extra if tok.startswith("-")]  # `--bogus 1 SCRIPT` leaves --bogus and SCRIPT over
+    return f"unrecognized arguments: {' '.join(options or extra)} (the script's own arguments go after --)"
+
+
+def _switch(p: argparse.ArgumentParser, flag: str, default: bool, text: str) -> None:
+    p.add_argument(flag, type=parse_bool, nargs="?", const=True, default=default, metavar="{true,false}", help=text)
 
 
 def _add_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--instance-count", type=positive_int, default=1, help="Instances (nodes) in the job.")
-    p.add_argument("--instance-type", default=None, help="SageMaker instance type, e.g. ml.g5.12xlarge (required).")
-    p.add_argument("--image", default=None,
+    p.add_argument("--instance-count", type=positive_int, default=1, metavar="N", help="Instances (nodes) in the job.")
+    p.add_argument("--instance-type", default=None, metavar="TYPE",
+                   help="SageMaker instance type, e.g. ml.g5.12xlarge (required).")
+    p.add_argument("--image", default=None, metavar="URI",
                    help="ECR URI of an image with igniter-dist installed (required; see docker/README.md).")
-    p.add_argument("--role", default=None, help="ARN of the IAM role the job runs as (required).")
-    p.add_argument("--region", default=None, help="AWS region (default: the boto3 session's region).")
-    p.add_argument("--job-name", default=None, help="Training job name (default: <script>-<UTC time>).")
-    p.add_argument("--source-dir", default=None, help="Folder uploaded as the job's code (default: the script's folder).")
-    p.add_argument("--s3-prefix", default=None,
+    p.add_argument("--role", default=None, metavar="ARN", help="ARN of the IAM role the job runs as (required).")
+    p.add_argument("--region", default=None,
+                   help="AWS region (default: the boto3 session's region, read from the AWS configuration).")
+    p.add_argument("--job-name", default=None, metavar="NAME", help="Training job name (default: <script>-<UTC time>).")
+    p.add_argument("--source-dir", default=None, metavar="DIR",
+                   help="Folder uploaded as the job's code (default: the script's folder).")
+    p.add_argument("--s3-prefix", default=None, metavar="S3_URI",
                    help="s3:// prefix for code and output (default: s3://sagemaker-<region>-<account>/igniter-dist).")
     p.add_argument("--input", action="append", default=[], metavar="NAME=S3_URI",
                    help="An input channel; the script gets --NAME pointing at its local copy. Repeatable.")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="An environment variable for the job's processes. Repeatable.")
-    p.add_argument("--spot", type=parse_bool, default=False, help="Run on managed spot instances.")
-    p.add_argument("--max-run", type=positive_int, default=86400, help="Seconds the job may train.")
-    p.add_argument("--max-wait", type=positive_int, default=None,
-                   help="Seconds the job may take including waits for spot capacity (spot only; default --max-run).")
-    p.add_argument("--checkpoint-s3-uri", default=None, help="s3:// location of the job's checkpoints; kept across spot restarts.")
+    _switch(p, "--spot", False, "Run on managed spot instances.")
+    p.add_argument("--max-run", type=positive_int, default=86400, metavar="SECONDS", help="Seconds the job may train.")
+    p.add_argument("--max-wait", type=positive_int, default=None, metavar="SECONDS",
+                   help="Seconds the job may take including waits for spot capacity (spot only; default: --max-run).")
+    p.add_argument("--checkpoint-s3-uri", default=None, metavar="S3_URI",
+                   help="s3:// location of the job's checkpoints; kept across spot restarts.")
     p.add_argument("--checkpoint-mode", choices=["auto", "sync", "direct"], default="auto",
                    help="sync: ranks write /opt/ml/checkpoints and SageMaker copies it to S3; direct: ranks write to "
-                        "the S3 URI (every node sees every shard, commit marker last); auto: sync on 1 instance, direct on more.")
-    p.add_argument("--volume-size", type=positive_int, default=30, help="GB of disk per instance.")
-    p.add_argument("--dry-run", type=parse_bool, default=False, help="Print the request as JSON and send nothing.")
-    p.add_argument("--wait", type=parse_bool, default=True, help="Follow the job's status until it ends.")
-    p.add_argument("--poll", type=float, default=30.0, help="Seconds between status checks.")
+                        "the S3 URI (every node sees every shard, commit marker last); auto: sync on 1 instance, "
+                        "direct on more.")
+    p.add_argument("--volume-size", type=positive_int, default=30, metavar="GB", help="GB of disk per instance.")
+    _switch(p, "--dry-run", False, "Print the request as JSON and send nothing.")
+    _switch(p, "--wait", True, "Follow the job's status until it ends.")
+    p.add_argument("--poll", type=float, default=30.0, metavar="SECONDS", help="Seconds between status checks.")
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="target", required=True, metavar="TARGET")
-    sm = sub.add_parser("sagemaker", help="A SageMaker training job.",
-                        usage="igniter-dist launch sagemaker SCRIPT [OPTIONS] -- [SCRIPT_ARGS]")
+    parser.epilog = "igniter-dist launch sagemaker --help lists that target's options."
+    sub = parser.add_subparsers(dest="target", required=True, metavar="TARGET", parser_class=_LaunchParser)
+    sm = sub.add_parser(
+        "sagemaker", help="A SageMaker training job: SCRIPT under torchrun on every instance, spot included.",
+        usage=USAGE, description=DESCRIPTION, epilog=EXAMPLE, formatter_class=_Help, allow_abbrev=False)
+    sm.add_argument("script", metavar="SCRIPT", help="The training script, inside --source-dir.")
     _add_options(sm)
-    sm.add_argument("script", help="The training script, inside --source-dir.")
-    sm.add_argument("rest", nargs=argparse.REMAINDER, help="More options, then -- and the script's --key value arguments.")
 
 
 def _region(given: str | None) -> str:
@@ -269,7 +319,8 @@ def job_spec(args: argparse.Namespace, script_args: list[str]) -> tuple[JobSpec,
                               + ("; build and push docker/Dockerfile (docker/README.md)." if flag == "image" else "."))
     role = _ROLE.match(args.role)
     if not role:
-        raise ConfigError(f"--role must be an IAM role ARN like arn:aws:iam::123456789012:role/Name, got {args.role!r}.")
+        raise ConfigError(f"--role must be an IAM role ARN like arn:aws:iam::123456789012:role/Name, "
+                          f"got {args.role!r}.")
     script = Path(args.script)
     source_dir = Path(args.source_dir) if args.source_dir else script.resolve().parent
     if not source_dir.is_dir():
@@ -283,9 +334,10 @@ def job_spec(args: argparse.Namespace, script_args: list[str]) -> tuple[JobSpec,
         raise ConfigError(f"the script {script} does not exist.")
     job_name = args.job_name or default_job_name(program)
     if not _JOB_NAME.match(job_name):
-        raise ConfigError(f"--job-name {job_name!r} must be 1-63 letters, digits and hyphens, starting with a letter or digit.")
+        raise ConfigError(f"--job-name {job_name!r} must be 1-63 letters, digits and hyphens, "
+                          "starting with a letter or digit.")
     if args.max_wait is not None and not args.spot:
-        raise ConfigError("--max-wait applies to spot jobs only; add --spot true or drop --max-wait.")
+        raise ConfigError("--max-wait applies to spot jobs only; add --spot or drop --max-wait.")
     if args.max_wait is not None and args.max_wait < args.max_run:
         raise ConfigError(f"--max-wait {args.max_wait} must be at least --max-run {args.max_run}.")
     inputs = parse_pairs(args.input, "--input")
@@ -318,16 +370,7 @@ def job_spec(args: argparse.Namespace, script_args: list[str]) -> tuple[JobSpec,
 
 
 def run(args: argparse.Namespace) -> int:
-    # Options may follow SCRIPT; everything after the first `--` belongs to the script.
-    rest = list(args.rest)
-    head, script_args = (rest[: rest.index("--")], rest[rest.index("--") + 1:]) if "--" in rest else (rest, [])
-    if head:
-        options = _OptionParser(prog="igniter-dist launch sagemaker", add_help=False)
-        _add_options(options)
-        _, extra = options.parse_known_args(head, namespace=args)
-        if extra:
-            raise ConfigError(f"unknown launch option(s) {' '.join(extra)}; script arguments go after --.")
-    spec, source_dir = job_spec(args, script_args)
+    spec, source_dir = job_spec(args, args.script_args)
     request = build_request(spec)
     if args.dry_run:
         # stdout is the request alone, ready for `aws sagemaker create-training-job --cli-input-json`.
@@ -341,5 +384,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         return follow(spec.job_name, spec.region, args.poll)
     except KeyboardInterrupt:
-        print(f"stopped following; the job goes on (aws sagemaker stop-training-job --training-job-name {spec.job_name}).")
+        print("stopped following; the job goes on "
+              f"(aws sagemaker stop-training-job --training-job-name {spec.job_name}).")
         return 130

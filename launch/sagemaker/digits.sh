@@ -3,7 +3,7 @@
 #
 #   IMAGE=123456789012.dkr.ecr.us-east-1.amazonaws.com/igniter-dist:latest \
 #   ROLE=arn:aws:iam::123456789012:role/SageMakerRole BUCKET=my-bucket \
-#       launch/sagemaker/digits.sh                      # add --dry-run true to print the request
+#       launch/sagemaker/digits.sh                      # add --dry-run to print the request
 #
 # DATA=s3://... adds an input channel `data` (a folder with digits.npz); without it the example
 # uses the copy bundled with scikit-learn. Extra launcher options go in "$@".
@@ -16,7 +16,7 @@ cd "$(dirname "$0")/../.."
 igniter-dist launch sagemaker examples/digits/train.py \
     --instance-count 2 --instance-type ml.g5.xlarge \
     --image "$IMAGE" --role "$ROLE" \
-    --spot true --max-run 3600 --max-wait 7200 \
+    --spot --max-run 3600 --max-wait 7200 \
     --checkpoint-s3-uri "s3://$BUCKET/igniter-dist/digits/checkpoints" \
     --s3-prefix "s3://$BUCKET/igniter-dist" \
     ${DATA:+--input "data=$DATA"} \
