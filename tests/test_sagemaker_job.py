@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+from test_sagemaker_entrypoint import layout
 
 from launch import PYTHON, ROOT, child_env, free_port
-from test_sagemaker_entrypoint import layout
 
 EXAMPLE = ROOT / "examples" / "digits" / "train.py"
 STEPS_PER_EPOCH = 45  # 1,438 training images over 2 ranks in batches of 16: ceil(719 / 16)
@@ -63,7 +63,7 @@ def wait_all(procs: list[subprocess.Popen], tmp_path: Path, timeout: float) -> l
             for q in procs:
                 if q.poll() is None:
                     os.killpg(q.pid, signal.SIGKILL)
-            raise AssertionError(f"job did not end in {timeout}s:\n{logs(tmp_path)}")
+            raise AssertionError(f"job did not end in {timeout}s:\n{logs(tmp_path)}") from None
     return codes
 
 
@@ -76,7 +76,8 @@ def committed_steps(ckpt: Path) -> list[int]:
 
     if not ckpt.exists():
         return []
-    return sorted(parse_step(d.name) for d in ckpt.iterdir() if parse_step(d.name) is not None and (d / MANIFEST).exists())
+    steps = (parse_step(d.name) for d in ckpt.iterdir() if (d / MANIFEST).exists())
+    return sorted(s for s in steps if s is not None)
 
 
 def test_digits_job_trains_stops_on_sigterm_and_resumes(tmp_path):
