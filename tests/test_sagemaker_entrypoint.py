@@ -60,6 +60,13 @@ def job(tmp_path, monkeypatch):
 
 # The contract, read from the files
 
+def resource_config() -> sagemaker.ResourceConfig:
+    """The job's resource config, which the test laid out."""
+    config = sagemaker.resource_config()
+    assert config is not None, "no resourceconfig.json"
+    return config
+
+
 def test_outside_a_job_nothing_is_claimed(tmp_path, monkeypatch):
     for key in list(os.environ):
         if key.startswith("SM_") or key == "TRAINING_JOB_NAME":
@@ -73,7 +80,7 @@ def test_outside_a_job_nothing_is_claimed(tmp_path, monkeypatch):
 
 def test_files_give_hosts_dirs_and_hyperparameters(job, monkeypatch):
     assert sagemaker.in_sagemaker()
-    config = sagemaker.resource_config()
+    config = resource_config()
     assert config.hosts == ("algo-1", "algo-2") and config.current_host == "algo-1" and config.node_rank == 0
     assert sagemaker.model_dir() == str(job / "model")
     assert sagemaker.output_dir() == str(job / "output" / "data")
@@ -94,7 +101,7 @@ def test_toolkit_variables_win_over_files(job, monkeypatch):
     monkeypatch.setenv("SM_CHANNEL_TRAIN", "/elsewhere/train")
     assert sagemaker.model_dir() == "/elsewhere/model"
     assert sagemaker.channel_dir("train") == "/elsewhere/train"
-    env = contract.toolkit_environment(sagemaker.resource_config(), 0)
+    env = contract.toolkit_environment(resource_config(), 0)
     assert "SM_MODEL_DIR" not in env and "SM_CHANNEL_TRAIN" not in env
     assert env["SM_CHANNEL_EVAL"] == str(job / "input" / "data" / "eval")
     assert json.loads(env["SM_HOSTS"]) == ["algo-1", "algo-2"] and env["SM_CURRENT_HOST"] == "algo-1"
@@ -111,7 +118,7 @@ def test_hosts_sort_by_number_and_current_host_must_be_listed(tmp_path, monkeypa
     monkeypatch.setenv("SAGEMAKER_BASE_DIR", str(tmp_path))
     hosts = [f"algo-{i}" for i in (10, 2, 1, 3)]
     layout(tmp_path, "algo-10", hosts)
-    config = sagemaker.resource_config()
+    config = resource_config()
     assert config.hosts == ("algo-1", "algo-2", "algo-3", "algo-10") and config.node_rank == 3
     layout(tmp_path, "algo-9", hosts)
     with pytest.raises(ConfigError, match="algo-9"):
@@ -133,7 +140,7 @@ def test_host_addresses_test_hook(monkeypatch):
 def test_torchrun_argv_for_the_second_host(tmp_path, monkeypatch):
     monkeypatch.setenv("SAGEMAKER_BASE_DIR", str(tmp_path))
     layout(tmp_path, "algo-2", HOSTS)
-    plan = plan_node(sagemaker.resource_config(), {"lr": "0.1", "resume": "True", "sagemaker_program": "x.py"},
+    plan = plan_node(resource_config(), {"lr": "0.1", "resume": "True", "sagemaker_program": "x.py"},
                      "train.py", ["--given", "1"], nproc_per_node=8, master_port=7777)
     assert torchrun_argv(plan, python="python") == [
         "python", "-m", "torch.distributed.run", "--nnodes=2", "--node-rank=1", "--nproc-per-node=8",
@@ -141,7 +148,7 @@ def test_torchrun_argv_for_the_second_host(tmp_path, monkeypatch):
         "train.py", "--given", "1", "--lr", "0.1", "--resume", "True",
     ]
     with pytest.raises(ConfigError, match="nproc-per-node"):
-        plan_node(sagemaker.resource_config(), {}, "train.py", [], nproc_per_node=0, master_port=7777)
+        plan_node(resource_config(), {}, "train.py", [], nproc_per_node=0, master_port=7777)
 
 
 def test_script_comes_from_sagemaker_program_when_started_as_train():

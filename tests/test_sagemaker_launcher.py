@@ -61,7 +61,6 @@ def launch(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def dry_run(monkeypatch, capsys, *argv: str) -> dict:
-    argv = list(argv)
     at = argv.index("--") if "--" in argv else len(argv)
     code, out, err = launch(monkeypatch, capsys, *argv[:at], "--dry-run", "true", *argv[at:])
     assert code == 0, err
