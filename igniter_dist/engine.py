@@ -196,7 +196,8 @@ class Engine:
             return results
         for name, loop in self.evaluators.items():
             with self._eval_mode(), torch.no_grad(), self.stepper.autocast():
-                for batch in islice(loop.loader, loop.max_batches):
+                for i, batch in enumerate(islice(loop.loader, loop.max_batches), 1):
+                    self.sinks.eval_progress(name, i, eval_length(loop.loader, loop.max_batches))
                     batch = to_device(batch, self.runtime.device)
                     loop.metrics.update(self._call(loop, batch), batch_size(batch), where=name)
             results.update({f"{name}/{k}": v for k, v in loop.metrics.compute().items()})
@@ -373,3 +374,12 @@ def check_epoch_length(loader: Any, epoch_length: int | None, what: str) -> int 
             f"use at most {n} or leave it unset."
         )
     return epoch_length
+
+
+def eval_length(loader: Any, max_batches: int | None) -> int | None:
+    """The batches one evaluation reads on this rank: the loader's length, at most `max_batches`."""
+    try:
+        n = len(loader)
+    except TypeError:
+        return max_batches
+    return n if max_batches is None else min(n, max_batches)

@@ -37,6 +37,10 @@ class Sink(Protocol):
 
     def progress(self, p: Progress) -> None: ...
 
+    def eval_progress(self, name: str, batch: int, total: int | None) -> None:
+        """Evaluator `name` has read `batch` of its `total` batches on this rank (None: unknown)."""
+        ...
+
     def log_metrics(self, metrics: dict[str, float], step: int, epoch: int) -> None: ...
 
     def log_artifact(self, path: str) -> None: ...
@@ -62,6 +66,9 @@ class NullSink:
     def progress(self, p: Progress) -> None:
         pass
 
+    def eval_progress(self, name: str, batch: int, total: int | None) -> None:
+        pass
+
     def log_metrics(self, metrics: dict[str, float], step: int, epoch: int) -> None:
         pass
 
@@ -78,14 +85,14 @@ class NullSink:
         pass
 
 
-class Sinks(NullSink):
+class Sinks:
     """Fans every call out to several sinks, in order."""
 
     def __init__(self, sinks: list[Sink]):
         self.sinks = sinks
 
     @property
-    def run_id(self) -> str | None:  # type: ignore[override]
+    def run_id(self) -> str | None:
         return next((s.run_id for s in self.sinks if s.run_id), None)
 
     def start(self, info: RunInfo) -> None:
@@ -95,6 +102,10 @@ class Sinks(NullSink):
     def progress(self, p: Progress) -> None:
         for s in self.sinks:
             s.progress(p)
+
+    def eval_progress(self, name: str, batch: int, total: int | None) -> None:
+        for s in self.sinks:
+            s.eval_progress(name, batch, total)
 
     def log_metrics(self, metrics: dict[str, float], step: int, epoch: int) -> None:
         for s in self.sinks:

@@ -13,8 +13,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 from ..args import redact
 from .base import Progress, RunInfo, RunStatus
@@ -144,6 +145,9 @@ class FileSink:
         self._guard(self._start, info)
 
     def progress(self, p: Progress) -> None:
+        pass
+
+    def eval_progress(self, name: str, batch: int, total: int | None) -> None:
         pass
 
     def log_metrics(self, metrics: dict[str, float], step: int, epoch: int) -> None:

@@ -133,6 +133,9 @@ class MlflowSink:
     def progress(self, p: Progress) -> None:
         pass
 
+    def eval_progress(self, name: str, batch: int, total: int | None) -> None:
+        pass
+
     def log_metrics(self, metrics: dict[str, float], step: int, epoch: int) -> None:
         if self._state == "off" or self._thread is None:
             return
