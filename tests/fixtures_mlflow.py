@@ -131,6 +131,9 @@ class TcpProxy:
             except OSError:
                 client.close()
                 continue
+            # The timeout was for connecting only: kept on the socket, it would cut every answer the
+            # server takes over 5 s to give (a loaded machine), which looks like an outage to the sink.
+            upstream.settimeout(None)
             with self._lock:
                 self._conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):

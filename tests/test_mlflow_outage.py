@@ -46,12 +46,13 @@ def sink_messages(caplog, level=logging.WARNING):
     return [r.getMessage() for r in caplog.records if r.name == SINK_LOG and r.levelno >= level]
 
 
-def wait_for(predicate, timeout=60.0):
+def wait_for(predicate, timeout=180.0):
+    # Generous: the server shares two loaded cores, and each poll of a metric history costs it too.
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return True
-        time.sleep(0.2)
+        time.sleep(1.0)
     return False
 
 
