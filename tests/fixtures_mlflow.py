@@ -22,12 +22,12 @@ SERVER_START_TIMEOUT_S = 180  # about 22 s on an idle 2-core machine; tests run 
 
 @pytest.fixture
 def clean_mlflow_env(monkeypatch):
-    """No MLFLOW_* variable from the caller's shell; the sink's HTTP defaults restored after the test."""
-    from igniter_dist.tracking.mlflow_sink import HTTP_DEFAULTS
+    """No MLFLOW_* variable from the caller's shell; the sink's defaults for MLflow's variables undone afterwards."""
+    from igniter_dist.tracking.mlflow_sink import ENV_DEFAULTS
 
     for name in [k for k in os.environ if k.startswith("MLFLOW_")]:
         monkeypatch.delenv(name)
-    for name, value in HTTP_DEFAULTS.items():
+    for name, value in ENV_DEFAULTS.items():
         monkeypatch.setenv(name, value)  # what MlflowSink.start would set, undone after the test
 
 

@@ -33,11 +33,16 @@ def test_flags_become_a_config():
     assert "pw-SECRET" not in repr(c)
 
 
-def test_mlflow_is_off_by_default_and_settings_without_enable_are_refused():
+def test_mlflow_is_off_by_default_a_tracking_uri_turns_it_on_and_an_explicit_false_wins():
     assert config_of() == MlflowConfig()
     assert MlflowConfig.from_args(object()) == MlflowConfig()  # a namespace without the flags
-    with pytest.raises(ConfigError, match="--mlflow-tracking-uri is set but MLflow is off; add --mlflow-enable true"):
-        config_of("--mlflow-tracking-uri", "http://mlflow:5000")
+    assert config_of("--mlflow-tracking-uri", "http://mlflow:5000") == MlflowConfig(
+        enable=True, tracking_uri="http://mlflow:5000")
+    assert not config_of("--mlflow-enable", "false", "--mlflow-tracking-uri", "http://mlflow:5000").enable
+    assert not config_of("--mlflow-enable", "False", "--mlflow-experiment-name", "digits").enable
+    with pytest.raises(ConfigError, match="--mlflow-experiment-name is set but MLflow is off; add --mlflow-enable "
+                                          r"true \(or --mlflow-tracking-uri\) or drop --mlflow-experiment-name\."):
+        config_of("--mlflow-experiment-name", "digits")
     with pytest.raises(ConfigError, match="expected true or false"):
         config_of("--mlflow-enable", "maybe")
 
@@ -98,7 +103,7 @@ def test_two_ranks_print_log_and_track_from_rank_zero_only(tmp_path, mlflow_serv
                                      "--tracking-uri", mlflow_server, "--experiment", name], nproc=2))
     lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
     assert len(lines) == 3, result.stdout  # one line per interval, from rank 0 only
-    for line, step in zip(lines, (10, 20, 30)):
+    for line, step in zip(lines, (10, 20, 30), strict=True):
         assert line.startswith(f"epoch 1/1 step {step} | train/loss {format_value(1 / step)} | ")
     r0, r1 = (json.loads((tmp_path / "r" / f"rank{i}.json").read_text()) for i in (0, 1))
     assert r0["mlflow_imported"] and not r1["mlflow_imported"]

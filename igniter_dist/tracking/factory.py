@@ -28,23 +28,31 @@ class MlflowConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> MlflowConfig:
-        """Read the flags `add_mlflow_flags` added; a namespace without them gives a disabled config."""
+        """Read the flags `add_mlflow_flags` added; a namespace without them gives a disabled config.
+
+        `--mlflow-enable` left unset follows `--mlflow-tracking-uri`: a URI turns MLflow on. An explicit
+        `--mlflow-enable false` turns it off whatever else is set.
+
+        Raises:
+            ConfigError: an experiment or run name is set while MLflow is neither enabled nor given a URI.
+        """
+        tracking_uri = getattr(args, "mlflow_tracking_uri", None) or None
+        enable = getattr(args, "mlflow_enable", None)
         config = cls(
-            enable=bool(getattr(args, "mlflow_enable", False)),
-            tracking_uri=getattr(args, "mlflow_tracking_uri", None) or None,
+            enable=bool(tracking_uri) if enable is None else bool(enable),
+            tracking_uri=tracking_uri,
             experiment_name=getattr(args, "mlflow_experiment_name", None) or None,
             run_name=getattr(args, "mlflow_run_name", None) or None,
             tags=dict(getattr(args, "mlflow_tags", None) or {}),
             username=getattr(args, "mlflow_tracking_username", None) or None,
             password=getattr(args, "mlflow_tracking_password", None) or None,
         )
-        if not config.enable:
-            given = [flag for flag, value in (("--mlflow-tracking-uri", config.tracking_uri),
-                                              ("--mlflow-experiment-name", config.experiment_name),
+        if enable is None and not config.enable:
+            given = [flag for flag, value in (("--mlflow-experiment-name", config.experiment_name),
                                               ("--mlflow-run-name", config.run_name)) if value]
             if given:
                 raise ConfigError(f"{given[0]} is set but MLflow is off; add --mlflow-enable true "
-                                  f"or drop {given[0]}.")
+                                  f"(or --mlflow-tracking-uri) or drop {given[0]}.")
         return config
 
 

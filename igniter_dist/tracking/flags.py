@@ -10,9 +10,10 @@ from ..args import parse_bool, parse_tags
 def add_mlflow_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """Add the "mlflow" argument group to `parser` and return it."""
     g = parser.add_argument_group("mlflow")
-    g.add_argument("--mlflow-enable", type=parse_bool, default=False,
+    g.add_argument("--mlflow-enable", type=parse_bool, default=None,
                    help="Log parameters, metrics and artifacts to MLflow from rank 0 "
-                        "(default store: <output-dir>/mlruns/mlflow.db, opened by `mlflow ui`).")
+                        "(default store: <output-dir>/mlruns/mlflow.db, opened by `mlflow ui`). "
+                        "Unset: on when --mlflow-tracking-uri is given, else off; false: off.")
     g.add_argument("--mlflow-tracking-uri", default=None,
                    help="Tracking server or store URI, such as http://host:5000 "
                         "(default: MLFLOW_TRACKING_URI, else the local store under --output-dir).")

@@ -11,6 +11,8 @@ import importlib.util
 import logging
 import os
 import re
+import shlex
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,9 +25,11 @@ from .sender import Sender, one_line
 
 log = logging.getLogger(__name__)
 
-# Our defaults for MLflow's HTTP client unless the user set them: one attempt per request (the
-# sender retries by itself, with backoff) and a timeout that bounds a request to a hung server.
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+# Our defaults for MLflow's own variables unless the user set them: one attempt per HTTP request
+# (the sender retries by itself, with backoff), a timeout that bounds a request to a hung server,
+# and no "View run at ..." lines on stdout when the run ends.
+ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+                "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
 # MLflow's limits (mlflow.utils.validation).
 MAX_PARAM_LENGTH = 6000
@@ -164,6 +168,7 @@ class MlflowRun:
         from mlflow import MlflowClient
         from mlflow.environment_variables import MLFLOW_TRACKING_URI
 
+        _quiet_mlflow_logs()
         self.tracking_uri = self.tracking_uri or MLFLOW_TRACKING_URI.get() or self._create_local_store()
         return MlflowClient(self.tracking_uri)
 
@@ -292,7 +297,7 @@ class MlflowSink:
     def start(self, info: RunInfo) -> None:
         """Create or continue the run in the background; wait for its id at most `start_timeout_s`."""
         self._run.info = info
-        for name, value in HTTP_DEFAULTS.items():
+        for name, value in ENV_DEFAULTS.items():
             os.environ.setdefault(name, value)
         # MLflow's client reads credentials from its own variables, on every request.
         if self._username:
@@ -333,6 +338,18 @@ class MlflowSink:
         if not self._sender.close(self._close_timeout_s):
             log.warning("%s did not take the run's end within %.0f s; %d metric values were not sent "
                         "(the output folder has the full history)", self._run.name, self._close_timeout_s, unsent)
+        self._show_local_store()
+
+    def _show_local_store(self) -> None:
+        """Say how to browse a run in the local store: nothing else points the user to it."""
+        if self._run.local_store is None or self.run_id is None:
+            return
+        try:
+            print(f"igniter-dist: MLflow run {self.run_id} is in the local store; browse it with\n"
+                  f"  mlflow ui --backend-store-uri {shlex.quote(self._run.local_store)}", file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass  # stderr closed: nothing to tell
+
 
 def _key(name: str) -> str:
     """A name MLflow accepts: alphanumerics, `_ - . /` and spaces, no leading or doubled slash."""
@@ -366,3 +383,15 @@ def _retryable(e: BaseException) -> bool:
         return status >= 500 or status == 429
     return isinstance(e, OSError)  # requests' connection errors and timeouts are OSErrors
 
+
+def _quiet_mlflow_logs() -> None:
+    """Keep MLflow's INFO lines (database migrations, system metrics) off the console, unless
+    MLFLOW_LOGGING_LEVEL asks for them: its warnings still show."""
+    from mlflow.environment_variables import MLFLOW_LOGGING_LEVEL
+
+    if MLFLOW_LOGGING_LEVEL.defined:
+        return
+    for name in ("mlflow", "alembic"):
+        logger = logging.getLogger(name)
+        if logger.getEffectiveLevel() < logging.WARNING:
+            logger.setLevel(logging.WARNING)
