@@ -69,8 +69,8 @@ class Sender(Generic[Op, Item]):
 
     @property
     def accepting(self) -> bool:
-        """Whether what is put now may still be delivered (started, and not off)."""
-        return self._thread is not None and self._state != "off"
+        """Whether what is put now may still be delivered (started, not closing, not off)."""
+        return self._thread is not None and not self._closing and self._state != "off"
 
     @property
     def unsent(self) -> int:
