@@ -57,7 +57,9 @@ def test_two_ranks_sigterm_then_resume_continue_one_run_with_its_whole_history(t
     first = torchrun(WORKER, [*args, "--interrupt-at", "8"], nproc=2)  # 6 steps per epoch on 2 ranks
     assert first.returncode != 0 and "stopped by SIGTERM" in first.stderr, first.stderr[-3000:]
     c = MlflowClient(mlflow_server)
-    experiment_id = c.get_experiment_by_name(name).experiment_id
+    experiment = c.get_experiment_by_name(name)
+    assert experiment is not None
+    experiment_id = experiment.experiment_id
     [killed] = c.search_runs([experiment_id])
     assert killed.info.status == "KILLED"
     saved = sorted(p.name for p in (tmp_path / "ckpt").glob("step_*"))[-1]  # step 8, or 9 if ranks agreed later

@@ -9,8 +9,8 @@ import time
 import uuid
 
 import pytest
-
 from fixtures_mlflow import TcpProxy
+
 from igniter_dist.tracking.base import RunInfo
 from igniter_dist.tracking.mlflow_sink import MlflowSink
 
@@ -118,6 +118,7 @@ def test_server_down_at_start_gets_the_run_and_its_metrics_once_it_answers(proxy
     sink.close("FINISHED")
     from mlflow import MlflowClient
 
+    assert sink.run_id is not None
     run = MlflowClient(mlflow_server).get_run(sink.run_id)
     assert run.info.status == "FINISHED" and run.data.params == {"lr": "0.1"}
     assert sum("unreachable" in m for m in sink_messages(caplog)) == 1

@@ -1,5 +1,6 @@
 """build_sinks, MlflowConfig and the --mlflow-* flags; rank 0 alone imports mlflow and logs."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -35,7 +36,7 @@ def test_flags_become_a_config():
 
 def test_mlflow_is_off_by_default_a_tracking_uri_turns_it_on_and_an_explicit_false_wins():
     assert config_of() == MlflowConfig()
-    assert MlflowConfig.from_args(object()) == MlflowConfig()  # a namespace without the flags
+    assert MlflowConfig.from_args(argparse.Namespace()) == MlflowConfig()  # a namespace without the flags
     assert config_of("--mlflow-tracking-uri", "http://mlflow:5000") == MlflowConfig(
         enable=True, tracking_uri="http://mlflow:5000")
     assert not config_of("--mlflow-enable", "false", "--mlflow-tracking-uri", "http://mlflow:5000").enable
@@ -71,6 +72,7 @@ def test_rank_zero_fans_out_to_console_files_and_mlflow_with_history_uploaded(tm
     sinks.log_metrics({"eval/accuracy": 0.75}, 4, 1)
     run_id = sinks.run_id
     sinks.close("FINISHED")
+    assert run_id is not None
 
     from mlflow import MlflowClient
 
@@ -112,7 +114,9 @@ def test_two_ranks_print_log_and_track_from_rank_zero_only(tmp_path, mlflow_serv
     from mlflow import MlflowClient
 
     c = MlflowClient(mlflow_server)
-    runs = c.search_runs([c.get_experiment_by_name(name).experiment_id])
+    experiment = c.get_experiment_by_name(name)
+    assert experiment is not None
+    runs = c.search_runs([experiment.experiment_id])
     assert [r.info.run_id for r in runs] == [r0["run_id"]]
     assert [m.step for m in c.get_metric_history(r0["run_id"], "train/loss")] == [10, 20, 30]
     assert runs[0].data.tags["world_size"] == "2"

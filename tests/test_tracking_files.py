@@ -56,7 +56,8 @@ def test_one_csv_per_evaluator_and_none_for_training(tmp_path):
     log_run(tmp_path, range(1, 31))
     assert not (tmp_path / "train.csv").exists()
     assert header(tmp_path / "eval.csv") == ["step", "epoch", "time", "loss", "accuracy"]
-    assert [(r["step"], r["accuracy"]) for r in rows(tmp_path / "eval.csv")] == [("10", "0.1"), ("20", "0.2"), ("30", "0.3")]
+    assert [(r["step"], r["accuracy"]) for r in rows(tmp_path / "eval.csv")] == [
+        ("10", "0.1"), ("20", "0.2"), ("30", "0.3")]
     assert [r["f1"] for r in rows(tmp_path / "holdout.csv")] == ["0.25"] * 3
 
 
