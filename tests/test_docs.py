@@ -209,7 +209,10 @@ def session_env(s3_endpoint: str | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("MLFLOW_", "AWS_", "FSSPEC_", "SM_", "SAGEMAKER_"))
            and k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TRAINING_JOB_NAME"}}
+    # PYTHONPATH: the blocks run this checkout's package even where the venv's editable install
+    # points at another one (a git worktree sharing the venv).
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
                AWS_CONFIG_FILE="/nonexistent/aws-config", AWS_SHARED_CREDENTIALS_FILE="/nonexistent/aws-credentials",
                AWS_EC2_METADATA_DISABLED="true")
     if s3_endpoint:
