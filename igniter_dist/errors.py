@@ -21,3 +21,7 @@ class CheckpointError(IgniterError):
     """A checkpoint could not be written, found or loaded."""
 
     exit_code = 3
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A committed checkpoint whose files are missing, of another size than recorded, or unreadable."""

@@ -51,15 +51,14 @@ class RunCheckpoints:
 
     def resume(self, engine: Engine, seed: int) -> bool:
         """Collective: load the latest committed checkpoint into the run; False when there is none."""
-        step = self.manager.latest()
-        if step is None:
+        result = self.manager.load_latest(self.state(engine))  # passes over damaged steps, saying so
+        if result is None:
             return False
-        result = self.manager.load(step, self.state(engine))
         if result.per_rank is not None:
             set_rng_state(result.per_rank["rng"])
             engine.train_loop.metrics.load_state_dict(result.per_rank["train_metrics"])
         else:  # a rank the saving run did not have: a fresh, reproducible stream
-            seed_everything(seed + self.runtime.rank + 7919 * step)
+            seed_everything(seed + self.runtime.rank + 7919 * result.step)
         run_id = result.manifest.get("tracking_run_id")
         if run_id:
             self.manifest["tracking_run_id"] = run_id

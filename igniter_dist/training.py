@@ -15,6 +15,7 @@ from torch import nn
 
 from . import debug
 from .args import Every, parse_every, redact
+from .checkpoint.probe import check_writable
 from .data import shard_eval_loader, shard_train_loader
 from .engine import Engine, Loop, Schedule, check_epoch_length
 from .errors import ConfigError
@@ -85,6 +86,9 @@ def train(
     sinks = _sinks(rt, output_dir, console, mlflow)
     checkpoints = _checkpoints(rt, to_save, checkpoint_dir, output_dir, params, n_saved=n_saved,
                                keep_best=keep_best, async_save=async_checkpoint, on_error=on_checkpoint_error)
+    model_dir = model_dir or (os.path.join(output_dir, "model") if output_dir else None)
+    check_writable(rt, checkpoint_dir=checkpoints.manager.url if checkpoints else None, output_dir=output_dir,
+                   model_dir=model_dir)  # collective
     stop = StopFlag(rt.distributed, group=_host_group(rt), check_every=_positive(stop_check_every, "stop_check_every"),
                     is_main=rt.is_main)
     engine = Engine(runtime=rt, train=train_loop, evaluators=evaluators, schedule=schedule, to_save=to_save,
@@ -102,8 +106,7 @@ def train(
             _say(rt, f"igniter-dist: this run already finished {engine.state.epoch} epochs "
                      f"(--max-epochs {schedule.max_epochs}); raise --max-epochs to train further.")
         metrics = engine.run()
-        _export(rt, to_save, model_dir or (os.path.join(output_dir, "model") if output_dir else None), params, sinks,
-                safetensors=model_safetensors)
+        _export(rt, to_save, model_dir, params, sinks, safetensors=model_safetensors)
         status = "FINISHED"
         return metrics
     except Interrupted:

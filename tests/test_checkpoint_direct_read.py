@@ -15,7 +15,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from igniter_dist.checkpoint import CheckpointManager
+from igniter_dist.checkpoint import CheckpointManager, direct_read
 from igniter_dist.checkpoint.direct_read import parse_tensor_pickle, read_into
 from igniter_dist.checkpoint.layout import step_dirname
 from igniter_dist.checkpoint.safe_load import SafeLoadPlanner, safe_reader
@@ -24,7 +24,7 @@ from igniter_dist.errors import CheckpointError
 from igniter_dist.runtime import Runtime
 
 import launch
-from test_checkpoint import assert_loads_here, worker
+from test_checkpoint import assert_loads_here, fresh_objects, worker
 
 SHARDED_WORKER = Path(__file__).parent / "workers" / "sharded_dcp_worker.py"
 DIRECT_LOG = re.compile(r"read (\d+) tensors straight into their destinations, (\d+) items through DCP")
@@ -113,6 +113,83 @@ def test_dtypes_shapes_and_layouts_direct_or_through_dcp(tmp_path):
         elif isinstance(v, torch.Tensor):
             assert torch.equal(template[k], v) and template[k].dtype == v.dtype, k
     assert template["value"] == {"lr": 0.5}
+
+
+def dcp_plain_load(url: str, template: dict) -> None:
+    """Load with DCP's own reader and planner: the reference the direct reads must match."""
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    _, FsspecReader = fsspec_io()
+    dcp.load(template, storage_reader=FsspecReader(url), planner=DefaultLoadPlanner(), no_dist=True)
+
+
+def assert_same_as_dcp(url: str, template: dict, direct: bool = True) -> int:
+    """Load `url` into a copy of `template` through igniter-dist's reader and into another through
+    DCP's own; every tensor must be bitwise equal with the same dtype. Returns the direct reads."""
+    ours = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in template.items()}
+    theirs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in template.items()}
+    reader = safe_reader(url, direct=direct)
+    dcp.load(ours, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
+    dcp_plain_load(url, theirs)
+    for k, v in theirs.items():
+        if isinstance(v, torch.Tensor):
+            assert ours[k].dtype == v.dtype and ours[k].shape == v.shape, k
+            assert torch.equal(_raw(ours[k]), _raw(v)), k
+        else:
+            assert ours[k] == v, k
+    return reader.direct_reads
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes, so that NaNs compare equal too."""
+    return t.reshape(-1).view(torch.uint8) if t.numel() else t
+
+
+def test_direct_reads_equal_dcps_reader_on_every_dtype_and_layout(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    floats = torch.randn(6, 5, generator=g)
+    floats[0, 0] = float("nan")
+    saved = {
+        "f32": floats, "f64": torch.randn(7, generator=g, dtype=torch.float64),
+        "bf16": torch.randn(33, generator=g).to(torch.bfloat16), "f16": torch.randn(2, 3, 4, generator=g).half(),
+        "i8": torch.randint(-128, 127, (9,), generator=g, dtype=torch.int8),
+        "u8": torch.randint(0, 255, (3, 3), generator=g, dtype=torch.uint8),
+        "i16": torch.randint(-999, 999, (4,), generator=g, dtype=torch.int16),
+        "i32": torch.randint(-999, 999, (2, 2), generator=g, dtype=torch.int32), "i64": torch.arange(6),
+        "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3),
+        "c64": torch.randn(3, generator=g, dtype=torch.complex64),
+        "c128": torch.randn(2, generator=g, dtype=torch.complex128),
+        "stored_transposed": torch.randn(4, 3, generator=g).t(),
+        "stored_slice": torch.arange(20.0)[5:12],  # a view into a bigger storage
+        "into_transposed": torch.randn(3, 4, generator=g),
+        "into_other_dtype": torch.randn(3, generator=g),
+        "value": {"lr": 0.5, "betas": (0.9, 0.99)},
+    }
+    template = {k: torch.zeros_like(v, memory_format=torch.contiguous_format)
+                for k, v in saved.items() if isinstance(v, torch.Tensor)}
+    template["into_transposed"] = torch.zeros(4, 3).t()
+    template["into_other_dtype"] = torch.zeros(3, dtype=torch.float64)
+    template["value"] = {"lr": 0.0, "betas": (0.0, 0.0)}
+    url = str(tmp_path / "dcp")
+    FsspecWriter, _ = fsspec_io()
+    dcp.save(saved, storage_writer=FsspecWriter(url, sync_files=False), no_dist=True)
+    # Direct: every dtype, and the slice (DCP writes a copy of it); the other layouts go through DCP.
+    assert assert_same_as_dcp(url, template) == 14
+    assert assert_same_as_dcp(url, template, direct=False) == 0
+
+
+def test_direct_reads_only_on_the_torch_they_were_written_for(tmp_path, caplog):
+    assert direct_read.supported()  # the pinned torch: when it moves, rerun these tests there and add it
+    assert not direct_read.supported("2.14.0") and not direct_read.supported("3.0.0+cu130")
+    assert direct_read.supported("2.13.1+cpu")
+    url = str(tmp_path / "ck")
+    assert CheckpointManager(url, Runtime()).save(1, objects(seed=0), per_rank={}, manifest={})
+    state = objects(seed=1)
+    with caplog.at_level(logging.DEBUG, logger="igniter_dist.checkpoint.direct_read"):
+        CheckpointManager(url, Runtime(), direct_read=False).load(1, state)
+    assert not [r for r in caplog.records if DIRECT_LOG.search(r.getMessage())]  # the switch: DCP read it all
+    want = tensors_of(objects(seed=0))
+    assert all(torch.equal(v, want[k]) for k, v in tensors_of(state).items())
 
 
 def test_damaged_zip_records_give_an_error_or_a_correct_load(tmp_path, caplog):
@@ -219,6 +296,9 @@ def test_resharded_loads_read_whole_chunks_directly(tmp_path, caplog):
     dcp.load(template, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
     assert all(torch.equal(template[k], v) for k, v in full.items())
     assert reader.direct_reads == 2
+    assert assert_same_as_dcp(sharded, {k: torch.zeros_like(v) for k, v in full.items()}) == 2
+    ddp_template = {f"model.{k}": torch.zeros_like(v) for k, v in fresh_objects()["model"].state_dict().items()}
+    assert assert_same_as_dcp(url, ddp_template) == len(ddp_template)
 
     # ... and on 3 ranks as 3 shards: every read narrows a stored chunk (DCP's path), still bitwise.
     launch.check(launch.torchrun(SHARDED_WORKER, ["load", "--url", sharded, "--out", str(out)], nproc=3,

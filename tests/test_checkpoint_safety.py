@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,8 @@ from torch import nn
 from igniter_dist.checkpoint import CheckpointManager, export_model
 from igniter_dist.checkpoint import state as state_mod
 from igniter_dist.checkpoint.layout import MANIFEST, step_dirname
-from igniter_dist.checkpoint.retention import KeepBest, choose_kept, parse_keep_best
+from igniter_dist.checkpoint.probe import check_writable, unwritable
+from igniter_dist.checkpoint.retention import KeepBest, choose_kept, parse_keep_best, unlogged_metric
 from igniter_dist.checkpoint.storage import Storage
 from igniter_dist.cli import main as cli_main
 from igniter_dist.errors import CheckpointError, ConfigError
@@ -65,6 +68,15 @@ def put(url: str, rel: str, data: bytes) -> None:
     clear_s3fs_cache()
 
 
+def reseal(url: str, step: int) -> None:
+    """Record the folder's present file sizes in its manifest, as a crafted checkpoint would."""
+    st = Storage(url)
+    manifest = json.loads(st.read_bytes(step_dirname(step), MANIFEST))
+    present = st.find(step_dirname(step))
+    manifest["files"] = [{"name": f["name"], "size": present[f["name"]]} for f in manifest["files"]]
+    put(url, f"{step_dirname(step)}/{MANIFEST}", json.dumps(manifest).encode())
+
+
 def test_crafted_metadata_is_refused_and_runs_nothing(store, tmp_path):
     marker = tmp_path / "pwned"
     payload = pickle.dumps(RunsCode(marker))
@@ -74,6 +86,7 @@ def test_crafted_metadata_is_refused_and_runs_nothing(store, tmp_path):
 
     save(store, 1)
     put(store, f"{step_dirname(1)}/.metadata", payload)
+    reseal(store, 1)
     with pytest.raises(CheckpointError, match=r"Refusing to load .*step_0000000001.*not plain DCP metadata"):
         CheckpointManager(store, Runtime()).load(1, objects(seed=1))
     assert cli_main(["checkpoints", "show", store]) == 3
@@ -91,6 +104,7 @@ def test_code_hidden_inside_real_metadata_or_a_value_is_refused(tmp_path, monkey
     real = pickle.loads(st.fs.cat_file(path))  # our own file: trusted here
     real.planner_data["model.0.weight"] = RunsCode(marker)
     st.fs.pipe_file(path, pickle.dumps(real))
+    reseal(url, 1)
     with pytest.raises(CheckpointError, match="not a DCP metadata type"):
         CheckpointManager(url, Runtime()).load(1, objects())
     assert not marker.exists()
@@ -105,7 +119,8 @@ def test_code_hidden_inside_real_metadata_or_a_value_is_refused(tmp_path, monkey
         save(url2, 1, state)
     monkeypatch.setattr(state_mod, "unloadable", lambda sd: None)
     assert save(url2, 1, state)  # as if written by something that does not check
-    with pytest.raises(CheckpointError, match=r"Refusing to load the value 'extra.payload'.*weights_only"):
+    with pytest.raises(CheckpointError,
+                       match=r"ck2/step_0000000001 is damaged: the value 'extra.payload' does not load with weights_only"):
         CheckpointManager(url2, Runtime()).load(1, {**objects(), "extra": {}})
     assert not marker.exists()
 
@@ -119,6 +134,7 @@ def test_metadata_pointing_outside_the_checkpoint_is_refused(tmp_path):
     info = next(iter(md.storage_data.values()))
     info.relative_path = "../../../etc/passwd"
     st.fs.pipe_file(path, pickle.dumps(md))
+    reseal(url, 1)
     with pytest.raises(CheckpointError, match="points at a file outside the checkpoint"):
         CheckpointManager(url, Runtime()).load(1, objects())
 
@@ -225,3 +241,73 @@ def test_export_model_as_safetensors(tmp_path):
     loaded = load_file(tmp_path / "out" / "model.safetensors")
     assert loaded.keys() == model.state_dict().keys()
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+
+
+def committed_steps(url: str) -> list[int]:
+    return sorted(int(p.parent.name.split("_")[1]) for p in Path(url).glob(f"step_*/{MANIFEST}"))
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_keep_best_of_a_metric_never_logged_stops_once_evaluated_keeping_everything(tmp_path, async_save):
+    url = str(tmp_path / "ck")
+    options = {"n_saved": 1, "keep_best": "eval/acc:max", "async_save": async_save}
+    assert save(url, 1, metrics={"train/loss": 0.5}, **options)  # no evaluation yet: it may still come
+    with pytest.raises(ConfigError) as raised:
+        save(url, 2, metrics={"train/loss": 0.4, "eval/accuracy": 0.9, "eval/loss": 0.3}, **options)
+    assert str(raised.value) == (
+        "--keep-best eval/acc:max names a metric that is not logged (logged: eval/accuracy, eval/loss, train/loss); "
+        "pass one of these (step 2 was saved and no checkpoint was deleted).")
+    assert committed_steps(url) == [1, 2]  # --n-saved 1 would have deleted step 1
+    assert unlogged_metric(KeepBest("train/acc", "max"), {"train/loss": 1.0}) is not None  # its own group logged
+    assert unlogged_metric(KeepBest("eval/acc", "max"), {"train/loss": 1.0}) is None
+    assert unlogged_metric(KeepBest("eval/acc", "min"), {"eval/acc": 1.0, "eval/loss": 2.0}) is None
+
+
+def test_unwritable_local_folders_are_named_before_anything_runs(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("not a folder")
+    assert unwritable(str(a_file)) == "it is a file, not a folder"
+    assert unwritable(str(a_file / "ck")) == "part of it is a file, not a folder"
+    fresh = tmp_path / "new" / "ck"
+    assert unwritable(str(fresh)) is None and fresh.is_dir() and not list(fresh.iterdir())  # probe removed
+    with pytest.raises(CheckpointError) as raised:
+        check_writable(Runtime(), checkpoint_dir=str(a_file / "ck"), output_dir=str(fresh), model_dir=None)
+    assert str(raised.value) == (f"--checkpoint-dir {a_file / 'ck'} cannot be written (part of it is a file, not a "
+                                 "folder); pass a folder this process can create and write.")
+    with pytest.raises(ConfigError, match=rf"^--output-dir {a_file} cannot be written \(it is a file, not a folder\)"):
+        check_writable(Runtime(), checkpoint_dir=str(fresh), output_dir=str(a_file), model_dir=None)
+    with pytest.raises(ConfigError, match=r"^--model-dir .*/file/model cannot be written \(part of it is a file"):
+        check_writable(Runtime(), checkpoint_dir=None, output_dir=None, model_dir=str(a_file / "model"))
+    check_writable(Runtime(), checkpoint_dir="memory://run/ck", output_dir=str(fresh), model_dir=str(fresh / "m"))
+
+
+def test_a_read_only_folder_is_named_before_anything_runs(tmp_path):
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    try:
+        if os.access(read_only, os.W_OK):
+            pytest.skip("this user (root) can write a 0o500 folder; a path under a file covers it instead")
+        assert unwritable(str(read_only)) == "permission denied"
+        assert unwritable(str(read_only / "ck")) == "permission denied"
+    finally:
+        read_only.chmod(0o700)
+
+
+def test_sync_saves_skip_the_zip_crc_on_their_own_thread_and_background_writes_keep_it(tmp_path):
+    sync_url, async_url = str(tmp_path / "sync"), str(tmp_path / "async")
+    assert save(sync_url, 1)
+    assert save(async_url, 1, async_save=True)
+    assert torch.serialization.get_crc32_options()  # restored after the sync save
+
+    def crcs(url: str) -> set[int]:
+        """The CRC32 of every entry of every tensor record in the step's shard."""
+        folder = Path(url) / step_dirname(1)
+        md = pickle.loads((folder / ".metadata").read_bytes())  # our own file: trusted here
+        data = (folder / "__0_0.distcp").read_bytes()
+        return {entry.CRC for info in md.storage_data.values()
+                for entry in zipfile.ZipFile(io.BytesIO(data[info.offset:info.offset + info.length])).infolist()
+                if info.offset is not None and data[info.offset:info.offset + 2] == b"PK"}
+
+    assert crcs(sync_url) == {0}
+    assert 0 not in crcs(async_url)

@@ -1,6 +1,7 @@
 """`igniter-dist checkpoints list|show|verify|export`: inspect checkpoints on one process.
 
 Exit codes: 0 done; 1 `verify` found problems; 3 the checkpoint could not be found or read.
+`list` marks damaged checkpoints (files missing or of another size than their manifest recorded).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import sys
 from typing import Any
 
-from ..errors import CheckpointError, IgniterError
+from ..errors import CheckpointError, DamagedCheckpoint, IgniterError
 from . import layout
 from .storage import Storage
 
@@ -26,7 +27,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("url", help="A step folder (URL/step_N), or a root for its latest committed checkpoint.")
     p.add_argument("--json", action="store_true", help="Print JSON instead of text.")
     p = sub.add_parser("verify", help="Check that every file of a checkpoint is present with its recorded size.")
-    p.add_argument("url", help="A step folder (URL/step_N), or a root for its latest committed checkpoint.")
+    p.add_argument("url", help="A step folder (URL/step_N), or a root for every committed checkpoint in it.")
     p.add_argument("--full", action="store_true", help="Also read every tensor and value back.")
     p = sub.add_parser("export", help="Write one process's consolidated model file (weights_only-loadable).")
     p.add_argument("url", help="A step folder (URL/step_N), or a root for its latest committed checkpoint.")
@@ -53,7 +54,9 @@ def resolve(url: str) -> tuple[Storage, layout.Folder]:
     if step is None:
         committed = [s for s, f in folders.items() if f.committed]
         if not committed:
-            raise CheckpointError(f"No committed checkpoint in {root.url}; pass a step folder such as {root.url}/step_N.")
+            raise CheckpointError(
+                f"No committed checkpoint in {root.url}; pass a step folder such as {root.url}/step_N."
+            )
         step = max(committed)
     folder = folders.get(step)
     if folder is None or not folder.committed:
@@ -76,20 +79,23 @@ def _list(args: argparse.Namespace) -> int:
     root = Storage(args.url)
     try:
         folders = layout.group_folders(root.find())
+        missing = not folders and not root.exists()
     except IgniterError:
         raise
     except Exception as e:
         raise root.error("list checkpoints in", e) from None
+    if missing:
+        raise CheckpointError(f"{root.url} does not exist; pass the --checkpoint-dir of a run (a folder or URL).")
     committed = [s for s, f in folders.items() if f.committed]
     latest = max(committed) if committed else None
     rows = []
     for step, f in sorted(folders.items()):
         if not f.committed and not args.all:
             continue
-        m = read_manifest(root, f) if f.committed else {}
+        m, problems = _manifest_and_problems(root, f) if f.committed else ({}, [])
         rows.append({"step": step, "folder": f.name, "committed": f.committed, "latest": step == latest,
-                     "time": m.get("time"), "world_size": m.get("world_size"), "size": f.size,
-                     "metrics": m.get("metrics", {})})
+                     "damaged": "; ".join(problems) or None, "time": m.get("time"),
+                     "world_size": m.get("world_size"), "size": f.size, "metrics": m.get("metrics", {})})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -98,11 +104,24 @@ def _list(args: argparse.Namespace) -> int:
         return 0
     print(f"{'step':>10}  {'status':<11}  {'time':<20}  {'ranks':>5}  {'size':>10}  metrics")
     for r in rows:
-        status = "latest" if r["latest"] else ("committed" if r["committed"] else "uncommitted")
+        status = "damaged" if r["damaged"] else "latest" if r["latest"] else (
+            "committed" if r["committed"] else "uncommitted")
         metrics = ", ".join(f"{k}={v:.6g}" for k, v in sorted(r["metrics"].items()))
         print(f"{r['step']:>10}  {status:<11}  {r['time'] or '-':<20}  {r['world_size'] or '-':>5}  "
               f"{_size(r['size']):>10}  {metrics}")
+        if r["damaged"]:
+            print(f"{'':>10}  {r['damaged']}")
     return 0
+
+
+def _manifest_and_problems(root: Storage, folder: layout.Folder) -> tuple[dict[str, Any], list[str]]:
+    """A committed folder's manifest and what is wrong with its files ({} and the reason when the
+    manifest itself is damaged)."""
+    try:
+        manifest = read_manifest(root, folder)
+    except DamagedCheckpoint as e:
+        return {}, [str(e)]
+    return manifest, layout.file_problems(manifest, folder.files)
 
 
 def _tensors(root: Storage, folder: layout.Folder) -> list[dict[str, Any]]:
@@ -152,16 +171,27 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    root, folder = resolve(args.url)
-    url = root.url_of(folder.name)
-    problems = verify(root, folder, full=args.full)
-    if problems:
+    """A step folder: that checkpoint; a root: every committed checkpoint in it."""
+    url = args.url.rstrip("/")
+    if layout.parse_step(url.rpartition("/")[2]) is not None:
+        checked = [resolve(url)]
+    else:
+        root, _ = resolve(url)  # CheckpointError when nothing is committed
+        folders = layout.group_folders(root.find())
+        checked = [(root, f) for _, f in sorted(folders.items()) if f.committed]
+    damaged = 0
+    for root, folder in checked:
+        step_url = root.url_of(folder.name)
+        problems = verify(root, folder, full=args.full)
+        damaged += bool(problems)
         for p in problems:
-            print(f"FAIL {p}")
-        print(f"{url}: {len(problems)} problem(s) found.", file=sys.stderr)
+            print(f"FAIL {step_url}: {p}")
+        if not problems:
+            print(f"OK {step_url}: every file present with its recorded size"
+                  + (", every value readable." if args.full else "."))
+    if damaged:
+        print(f"{damaged} of {len(checked)} checkpoint(s) damaged.", file=sys.stderr)
         return 1
-    print(f"OK {url}: {len(read_manifest(root, folder).get('files', []))} files present with their recorded sizes"
-          + (", every value readable." if args.full else "."))
     return 0
 
 
@@ -170,17 +200,12 @@ def verify(root: Storage, folder: layout.Folder, *, full: bool = False) -> list[
     from .safe_load import load_metadata
 
     url = root.url_of(folder.name)
-    manifest = read_manifest(root, folder)
     present = root.find(folder.name)
-    problems = []
-    recorded = {f["name"]: f["size"] for f in manifest.get("files", [])}
-    for name, size in sorted(recorded.items()):
-        if name not in present:
-            problems.append(f"{url}/{name} is missing")
-        elif present[name] != size:
-            problems.append(f"{url}/{name} has {present[name]} bytes, the manifest recorded {size}")
-    if layout.DCP_METADATA not in recorded:
-        problems.append(f"the manifest lists no {layout.DCP_METADATA}")
+    try:
+        manifest = read_manifest(root, folder)
+    except DamagedCheckpoint as e:
+        return [str(e)]
+    problems = layout.file_problems(manifest, present)
     if problems:
         return problems
     try:
@@ -190,9 +215,9 @@ def verify(root: Storage, folder: layout.Folder, *, full: bool = False) -> list[
     for info in (metadata.storage_data or {}).values():
         size = present.get(info.relative_path)
         if size is None:
-            problems.append(f"{url}/{info.relative_path} is referenced by {layout.DCP_METADATA} but missing")
+            problems.append(f"{info.relative_path} is referenced by {layout.DCP_METADATA} but missing")
         elif info.offset + info.length > size:
-            problems.append(f"{url}/{info.relative_path} is shorter than {layout.DCP_METADATA} expects")
+            problems.append(f"{info.relative_path} is shorter than {layout.DCP_METADATA} expects")
     if full and not problems:
         problems.extend(_read_all(url, metadata))
     return sorted(set(problems))
@@ -212,7 +237,7 @@ def _read_all(url: str, metadata: Any) -> list[str]:
             dcp.load(template, storage_reader=safe_reader(url), planner=SafeLoadPlanner(), no_dist=True)
     except (Exception, CheckpointException) as e:
         cause = root_cause(e)
-        return [f"reading {url} failed: {cause if isinstance(cause, IgniterError) else repr(cause)}"]
+        return [f"reading it failed: {cause if isinstance(cause, IgniterError) else repr(cause)}"]
     return []
 
 
@@ -229,8 +254,9 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _size(n: int) -> str:
+    size = float(n)
     for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
     return str(n)

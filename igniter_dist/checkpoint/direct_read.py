@@ -4,6 +4,10 @@ DCP's reader runs `torch.load` on each tensor's `torch.save` record, which alloc
 then copies it into the destination. When a whole stored chunk lands in a contiguous CPU tensor of
 its dtype, the record's raw `data/0` bytes are read with `readinto` into the destination's own
 memory instead. The record's pickle is parsed, never run; anything not recognised goes to DCP.
+
+It relies on DCP's reader internals and on `torch.save`'s record layout as of the torch version in
+`WRITTEN_FOR`; on any other version DCP reads everything (`supported`), until the comparison
+tests in tests/test_checkpoint_direct_read.py pass there and the version is added.
 """
 
 from __future__ import annotations
@@ -13,25 +17,34 @@ import logging
 import math
 import os
 import pickletools
+import re
 import struct
 import sys
 import warnings
 import zipfile
 from dataclasses import dataclass, replace
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import torch
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 
-from ..errors import CheckpointError
+from ..errors import DamagedCheckpoint
 
 log = logging.getLogger(__name__)
 
+# (major, minor) versions of torch whose DCP reader and torch.save records this module was checked against.
+WRITTEN_FOR: frozenset[tuple[int, int]] = frozenset({(2, 13)})
 # torch.save's data.pkl for one tensor is a few hundred bytes; a bigger one is not a plain tensor.
 MAX_PICKLE_BYTES = 64 * 1024
 _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
 _LOCAL_HEADER_SIGNATURE = 0x04034B50
+
+
+def supported(version: str = torch.__version__) -> bool:
+    """Whether `version` of torch is one this module was written and tested for."""
+    m = re.match(r"(\d+)\.(\d+)", version)
+    return m is not None and (int(m[1]), int(m[2])) in WRITTEN_FOR
 
 
 @dataclass(frozen=True)
@@ -60,14 +73,14 @@ def parse_tensor_pickle(data: bytes) -> TensorRecord | None:
             name = op.name
             if name in ("PROTO", "FRAME"):
                 continue
-            if name == "GLOBAL":
+            if name == "GLOBAL" and isinstance(arg, str):
                 module, _, attr = arg.partition(" ")
                 stack.append(("global", module, attr))
-            elif name in ("BINPUT", "LONG_BINPUT"):
+            elif name in ("BINPUT", "LONG_BINPUT") and isinstance(arg, int):
                 memo[arg] = stack[-1]
             elif name == "MEMOIZE":
                 memo[len(memo)] = stack[-1]
-            elif name in ("BINGET", "LONG_BINGET"):
+            elif name in ("BINGET", "LONG_BINGET") and isinstance(arg, int):
                 stack.append(memo[arg])
             elif name == "MARK":
                 marks.append(len(stack))
@@ -120,7 +133,7 @@ def _tensor_record(value: Any) -> TensorRecord | None:
 
 def _contiguous(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     expected = 1
-    for n, s in zip(reversed(size), reversed(stride)):
+    for n, s in zip(reversed(size), reversed(stride), strict=False):  # lengths compared below
         if n != 1 and s != expected:
             return False
         expected *= n
@@ -195,7 +208,7 @@ def locate_payload(stream: IO[bytes], offset: int, length: int, dtype: torch.dty
     exactly one contiguous little-endian tensor of `dtype` and `size`, stored uncompressed."""
     view = _RecordView(stream, offset, length)
     try:
-        with zipfile.ZipFile(view) as zf:  # type: ignore[arg-type]
+        with zipfile.ZipFile(view) as zf:
             listed = zf.infolist()
             end = zf.start_dir  # entries' bytes end where the central directory starts
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, NotImplementedError, struct.error):
@@ -221,18 +234,23 @@ def locate_payload(stream: IO[bytes], offset: int, length: int, dtype: torch.dty
     return None if start is None else offset + start
 
 
-def read_into(stream: IO[bytes], position: int, dest: torch.Tensor, url: str) -> None:
-    """Fill contiguous CPU `dest` with the bytes of `stream` from `position`; CheckpointError if short."""
-    buffer = memoryview(dest.reshape(-1).view(torch.uint8).numpy())
+class Readable(Protocol):
+    """A binary file that reads into a caller's buffer (what DCP's local `create_stream` returns)."""
+
+    def seek(self, offset: int, whence: int = ..., /) -> int: ...
+
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
+def read_into(stream: Readable, position: int, dest: torch.Tensor, url: str) -> None:
+    """Fill contiguous CPU `dest` with the bytes of `stream` from `position`; DamagedCheckpoint if short."""
+    buffer = dest.reshape(-1).view(torch.uint8).numpy().data
     stream.seek(position)
     done = 0
     while done < len(buffer):
-        n = stream.readinto(buffer[done:])  # type: ignore[attr-defined]
+        n = stream.readinto(buffer[done:])
         if not n:
-            raise CheckpointError(
-                f"Checkpoint file {url} ends {len(buffer) - done} bytes early inside a tensor's data; "
-                "the checkpoint is damaged: load an earlier one."
-            )
+            raise DamagedCheckpoint(f"{url} ends {len(buffer) - done} bytes early inside a tensor's data")
         done += n
 
 

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import CheckpointError, DamagedCheckpoint
+
 STEP_PREFIX = "step_"
 STEP_DIGITS = 10
 MANIFEST = "manifest.json"
@@ -106,20 +108,34 @@ def build_manifest(step: int, world_size: int, files: dict[str, int], metrics: d
     }
 
 
+def file_problems(manifest: dict[str, Any], present: dict[str, int]) -> list[str]:
+    """What is wrong with a committed folder's files (name -> size, listed fresh) against the sizes its
+    manifest recorded; empty when every file is there with its size."""
+    recorded = {f.get("name"): f.get("size") for f in manifest.get("files") or [] if isinstance(f, dict)}
+    problems = []
+    for name, size in sorted((str(n), s) for n, s in recorded.items()):
+        if name not in present:
+            problems.append(f"{name} is missing")
+        elif present[name] != size:
+            problems.append(f"{name} has {present[name]} bytes where the manifest recorded {size}")
+    if DCP_METADATA not in recorded:
+        problems.append(f"the manifest lists no {DCP_METADATA}")
+    return problems
+
+
 def encode_manifest(manifest: dict[str, Any]) -> bytes:
     return (json.dumps(manifest, indent=2, sort_keys=False, allow_nan=True) + "\n").encode()
 
 
 def decode_manifest(data: bytes, url: str) -> dict[str, Any]:
-    """Parse a manifest, refusing anything that is not one of ours."""
-    from ..errors import CheckpointError
-
+    """Parse a manifest: DamagedCheckpoint for anything that is not one of ours, CheckpointError for a
+    newer format."""
     try:
         manifest = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"The manifest {url} is not valid JSON ({e}); the checkpoint is damaged.") from None
+        raise DamagedCheckpoint(f"The manifest {url} is not valid JSON ({e}); the checkpoint is damaged.") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{url} is not an igniter-dist checkpoint manifest.")
+        raise DamagedCheckpoint(f"{url} is not an igniter-dist checkpoint manifest; the checkpoint is damaged.")
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(
             f"{url} was written by a newer igniter-dist (format {manifest.get('format_version')}); upgrade to load it."

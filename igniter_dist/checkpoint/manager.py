@@ -1,7 +1,8 @@
-"""The checkpoint manager: the commit protocol, "latest", retention and async saves.
+"""The checkpoint manager: the commit protocol, "latest", retention, async saves and damaged steps.
 
 A save writes a fresh `step_<N>` folder with DCP (every rank its share), then rank 0 writes the
-manifest, the commit marker, after every rank finished. "Latest" is the highest committed step.
+manifest, the commit marker, after every rank finished. "Latest" is the highest committed step;
+resuming loads the newest one whose files are whole, reporting and keeping any damaged one.
 Retention runs on rank 0 after a commit and deletes the manifest before the files, so a crash
 never leaves a half-deleted folder that looks committed.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -20,33 +21,50 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata
 
-from ..errors import CheckpointError, ConfigError, IgniterError
+from ..errors import CheckpointError, ConfigError, DamagedCheckpoint, IgniterError
 from ..runtime import Runtime
-from . import layout, staging, state as state_mod
-from .retention import choose_kept, parse_keep_best
+from . import layout, staging
+from . import state as state_mod
+from .agreement import agree
+from .retention import choose_kept, parse_keep_best, unlogged_metric
 from .safe_load import SafeLoadPlanner, load_metadata, safe_reader
 from .storage import Storage, fsspec_io, root_cause
 
 log = logging.getLogger("igniter_dist.checkpoint")
 OnError = Literal["stop", "warn"]
+Plan = Literal["write", "exists"]
 
 
 @dataclass(frozen=True)
 class LoadResult:
     """What `CheckpointManager.load` found besides the tensors it loaded in place."""
 
+    step: int
     manifest: dict[str, Any]
     per_rank: dict[str, Any] | None  # None when the saving run had no rank with this number
     saved_world_size: int
     url: str
 
 
+@dataclass(frozen=True)
+class _SaveJob:
+    """One save, ready to write: this rank's state dict (staged for a background write) and its writer."""
+
+    step: int
+    state_dict: dict[str, Any]
+    writer: Any
+    extras: dict[str, Any]
+    metrics: dict[str, float]
+
+
 @contextlib.contextmanager
 def _without_zip_checksums() -> Iterator[None]:
     """DCP stores each tensor as a `torch.save` zip record, whose CRC32 costs about 23 ms per 100 MB
-    here (a tenth of a local save); `torch.load` never checks it, so it is not computed while DCP
-    writes. The manifest still records every file's size."""
+    here (a tenth of a local save) and which `torch.load` never checks; the manifest records every
+    file's size instead. torch has one process-wide switch for it, so it is turned off only around a
+    sync save, on the thread that called `save` and waits for it; background writes keep the CRC."""
     before = torch.serialization.get_crc32_options()
     torch.serialization.set_crc32_options(False)
     try:
@@ -59,8 +77,12 @@ class CheckpointManager:
     """Sharded checkpoints of one run under one folder or URL."""
 
     def __init__(self, url: str, runtime: Runtime, *, n_saved: int = 2, keep_best: str | None = None,
-                 async_save: bool = False, on_error: OnError = "stop"):
-        """Collective when `async_save` and distributed: every rank creates the saver's gloo group."""
+                 async_save: bool = False, on_error: OnError = "stop", direct_read: bool = True):
+        """Collective when `async_save` and distributed: every rank creates the saver's gloo group.
+
+        `direct_read=False` loads every tensor through DCP's own reader instead of reading local
+        files straight into the live tensors (see `direct_read.py`).
+        """
         if not isinstance(n_saved, int) or n_saved < 1:
             raise ConfigError(f"--n-saved must be a positive integer, got {n_saved!r}.")
         if on_error not in ("stop", "warn"):
@@ -71,17 +93,19 @@ class CheckpointManager:
         self.keep_best = parse_keep_best(keep_best)
         self.async_save = async_save
         self.on_error: OnError = on_error
+        self.direct_read = direct_read
         # Background writes run their collectives on their own gloo group, so they never interleave
         # with the training loop's collectives on the default group.
         self._group = dist.new_group(backend="gloo") if async_save and runtime.distributed else None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="igniter-checkpoint") if async_save else None
-        self._pending: Future[str | None] | None = None
+        self._pending: Future[None] | None = None
         self._stager = staging.Stager() if async_save else None
         # Rank 0 deletes what retention lets go in the background, off the save's critical path;
         # the next save, listing or load waits for it first.
         self._deleter = ThreadPoolExecutor(1, thread_name_prefix="igniter-retention") if runtime.is_main else None
         self._retention: Future[None] | None = None
-        self._metrics: dict[str, dict[str, float]] = {}  # rank 0: manifest metrics by folder name
+        self._manifests: dict[str, dict[str, Any]] = {}  # rank 0: manifests read or written, by folder name
+        self._damaged: set[int] = set()  # steps a load found damaged: retention neither counts nor deletes them
 
     @property
     def url(self) -> str:
@@ -93,67 +117,82 @@ class CheckpointManager:
     # ---- latest -------------------------------------------------------------------------------
 
     def latest(self) -> int | None:
-        """Collective: the highest committed step (rank 0 lists fresh, then broadcasts), None if none."""
+        """Collective: the highest committed step (rank 0 lists fresh), None if none."""
+        steps = self._committed_steps()
+        return steps[-1] if steps else None
+
+    def _committed_steps(self) -> list[int]:
+        """Collective: every committed step, ascending, as rank 0 listed them."""
         self.wait()
-        found: tuple[int | None, str | None] = (None, None)
+        error: IgniterError | None = None
+        steps: list[int] = []
         if self.runtime.is_main:
             try:
-                committed = [s for s, f in self._folders().items() if f.committed]
-                found = (max(committed) if committed else None, None)
+                steps = sorted(s for s, f in self._folders().items() if f.committed)
             except Exception as e:
-                found = (None, str(self.storage.error("list checkpoints in", e)))
-        step, error = self.runtime.broadcast_object(found)
-        if error:
-            raise CheckpointError(error)
-        return step
+                error = self._cause_error("list checkpoints in", e, self.storage.url)
+        agreed: list[int] = self._agree(error, steps)[0]  # rank 0's
+        return agreed
 
     # ---- save ---------------------------------------------------------------------------------
 
     def save(self, step: int, state: dict[str, Any], *, per_rank: dict[str, Any],
-             manifest: dict[str, Any], metrics: dict[str, float] | None = None) -> bool:
+             manifest: dict[str, Any], metrics: Mapping[str, float] | None = None) -> bool:
         """Collective: save `state` as step `step` and commit it.
 
         Returns True once committed (async: once started; its outcome is reported by the next
         `save` or `wait`). On failure, `on_error="stop"` raises CheckpointError on every rank;
-        `"warn"` logs on rank 0 and returns False. A failed save is never committed.
+        `"warn"` logs on rank 0 and returns False. A failed save is never committed. When an
+        evaluation has logged metrics but not the `keep_best` one, the step is saved (retention
+        skipped) and ConfigError is raised on every rank.
         """
         self.wait()
         entries = state_mod.classify(state)  # ConfigError, the same on every rank: a bug, not an outage
-        sd, writer, error, config_error = self._build(step, entries, per_rank)
+        error: IgniterError | None = None
+        sd: dict[str, Any] = {}
+        writer = None
+        try:
+            sd, writer = self._build(step, entries, per_rank)
+        except IgniterError as e:
+            error = e
         shared = staging.shared_tensors(sd) if self._stager is not None else {}
-        gathered = self.runtime.all_gather_object((error, config_error, staging.fingerprint(shared)))
-        config_errors = [c for _, c, _ in gathered if c]
-        if config_errors:
-            raise ConfigError(config_errors[0])  # a bug in what is saved: warn mode would repeat it forever
-        errors = [err for err, _, _ in gathered if err]
-        if errors:
-            return self._failed(errors[0])
-        job = (step, sd, writer, dict(manifest), dict(metrics or {}))
+        unlogged = unlogged_metric(self.keep_best, metrics)
+        try:
+            gathered = self._agree(error, (staging.fingerprint(shared), unlogged))
+        except CheckpointError as e:
+            return self._failed(e)
+        job = _SaveJob(step, sd, writer, dict(manifest), dict(metrics or {}))
+        unlogged = gathered[0][1]  # rank 0's verdict, so that every rank acts alike
+        if unlogged is not None:
+            # Stop the run, but keep its work: this step is saved, and retention deletes nothing.
+            self._write_now(job, retain=False)
+            raise ConfigError(f"{unlogged} (step {step} was saved and no checkpoint was deleted).")
         if self._executor is not None and self._stager is not None:
             # The only part of an async save the loop waits for: copying this rank's share.
-            same_everywhere = len({fp for _, _, fp in gathered}) == 1
+            same_everywhere = len({fp for fp, _ in gathered}) == 1
             owner = staging.owners(shared, self.runtime.world_size) if same_everywhere else {}
             skip = {path for path, rank in owner.items() if rank != self.runtime.rank}
-            job = (step, self._stager.stage(sd, skip), *job[2:])
-            self._pending = self._executor.submit(self._write, *job)
+            staged = _SaveJob(step, self._stager.stage(sd, skip), writer, job.extras, job.metrics)
+            self._pending = self._executor.submit(self._write, staged, background=True)
             return True
-        error = self._write(*job)
-        return self._failed(error) if error else True
+        return self._write_now(job)
 
     def wait(self) -> None:
         """Wait for the save in flight and rank 0's deletions, if any; raise or warn (per `on_error`)
         if the save failed."""
         pending, self._pending = self._pending, None
-        error = None
+        error: CheckpointError | None = None
         if pending is not None:
             try:
-                error = pending.result()
+                pending.result()
+            except CheckpointError as e:
+                error = e
             except BaseException as e:  # the background thread's own collectives failed
-                error = str(self.storage.error("finish the background save to", e))
+                error = self.storage.error("finish the background save to", e)
         retention, self._retention = self._retention, None  # started by the save just waited for
         if retention is not None:
             retention.result()  # never raises: `_retain` logs its own failures
-        if error:
+        if error is not None:
             self._failed(error)
 
     def close(self) -> None:
@@ -173,17 +212,18 @@ class CheckpointManager:
         self.close()
 
     def _build(self, step: int, entries: list[state_mod.Entry], per_rank: dict[str, Any]
-               ) -> tuple[dict[str, Any], Any, str | None, str | None]:
-        """This rank's state dict and DCP writer; or the storage error, or the config error (a value
-        that would not load back)."""
+               ) -> tuple[dict[str, Any], Any]:
+        """This rank's state dict and DCP writer; ConfigError for a value that would not load back."""
         url = self.url_of(step)
         try:
             sd = state_mod.to_save(entries, per_rank, self.runtime.rank)
-            return sd, self._writer(url), None, state_mod.unloadable(sd)
-        except IgniterError as e:
-            return {}, None, str(e), None
+            writer = self._writer(url)
         except Exception as e:
-            return {}, None, str(self.storage.error(f"prepare step {step} for", e, url)), None
+            raise self._cause_error(f"prepare step {step} for", e, url) from None
+        problem = state_mod.unloadable(sd)
+        if problem:
+            raise ConfigError(problem)
+        return sd, writer
 
     def _writer(self, url: str) -> Any:
         FsspecWriter, _ = fsspec_io()
@@ -193,67 +233,90 @@ class CheckpointManager:
         return FsspecWriter(url, single_file_per_rank=True, sync_files=self.storage.is_local,
                             thread_count=1 if self.storage.is_local else 4)
 
-    def _prepare_folder(self, folder: str) -> str:
-        """Rank 0: 'exists' when the step is already committed; else clear a dead run's leftovers."""
+    def _write_now(self, job: _SaveJob, *, retain: bool = True) -> bool:
+        """Collective: write `job` on this thread; True once committed, else per `on_error`."""
+        try:
+            self._write(job, retain=retain)
+        except CheckpointError as e:
+            return self._failed(e)
+        return True
+
+    def _write(self, job: _SaveJob, *, retain: bool = True, background: bool = False) -> None:
+        """Collective on the saver's group: rank 0 prepares the folder, DCP write, commit by rank 0,
+        agreement, retention in the background. Raises CheckpointError on every rank if it fails."""
+        folder = layout.step_dirname(job.step)
+        url = self.storage.url_of(folder)
+        error: IgniterError | None = None
+        plan: Plan = "write"
+        if self.runtime.is_main:
+            try:
+                plan = self._prepare_folder(folder, job.step)
+            except Exception as e:
+                error = self._cause_error(f"prepare the folder for step {job.step} at", e, url)
+        if self._agree(error, plan, saver=True)[0] != "write":
+            return  # rank 0 said why
+        error = None
+        checksums = contextlib.nullcontext() if background else _without_zip_checksums()
+        try:
+            with state_mod.quiet_single_process(self.runtime.distributed), checksums:
+                dcp.save(job.state_dict, storage_writer=job.writer, process_group=self._group,
+                         no_dist=not self.runtime.distributed)
+        except (Exception, CheckpointException) as e:
+            error = self._cause_error(f"save step {job.step} to", e, url)
+        if error is None and self.runtime.is_main:
+            try:
+                self._commit(folder, job)
+            except Exception as e:
+                error = self._cause_error(f"commit step {job.step} at", e, url)
+        self._agree(error, saver=True)
+        if retain and self._deleter is not None:
+            self._retention = self._deleter.submit(self._retain)
+
+    def _prepare_folder(self, folder: str, step: int) -> Plan:
+        """Rank 0: 'exists' when the step is already committed (kept, even when damaged); else clear a
+        dead run's leftovers."""
         files = self.storage.find(folder)
+        url = self.storage.url_of(folder)
         if layout.MANIFEST in files:
+            problems = self._problems(folder, files)
+            if problems or step in self._damaged:
+                log.warning("Checkpoint %s is committed but damaged (%s); it is left untouched, so step %d is not "
+                            "saved again: move the folder away to let a later run save it.", url,
+                            "; ".join(problems) or "it failed to load", step)
+            else:
+                log.warning("Checkpoint %s is already committed; keeping it and skipping this save.", url)
             return "exists"
         if files:
-            log.warning("Removing the uncommitted leftovers of an earlier run in %s.", self.storage.url_of(folder))
+            log.warning("Removing the uncommitted leftovers of an earlier run in %s.", url)
             self.storage.rm_tree(folder)
         self.storage.makedirs(folder)
         return "write"
 
-    def _write(self, step: int, sd: dict[str, Any], writer: Any, extras: dict[str, Any],
-               metrics: dict[str, float]) -> str | None:
-        """Collective on the saver's group: rank 0 prepares the folder, DCP write, commit by rank 0,
-        agreement, retention in the background; the error or None."""
-        folder = layout.step_dirname(step)
-        url = self.storage.url_of(folder)
-        error: str | None = None
-        plan = "write"
-        if self.runtime.is_main:
-            try:
-                plan = self._prepare_folder(folder)
-            except Exception as e:
-                error = str(self.storage.error(f"prepare the folder for step {step} at", e, url))
-        gathered = self._gather((error, plan))
-        errors = [e for e, _ in gathered if e]
-        if errors:
-            return errors[0]
-        if gathered[0][1] == "exists":
-            if self.runtime.is_main:
-                log.warning("Checkpoint %s is already committed; keeping it and skipping this save.", url)
-            return None
-        try:
-            with state_mod.quiet_single_process(self.runtime.distributed), _without_zip_checksums():
-                dcp.save(sd, storage_writer=writer, process_group=self._group,
-                         no_dist=not self.runtime.distributed)
-        except (Exception, CheckpointException) as e:
-            error = str(self._cause_error(f"save step {step} to", e, url))
-        if error is None and self.runtime.is_main:
-            try:
-                self._commit(folder, step, extras, metrics)
-            except Exception as e:
-                error = str(self.storage.error(f"commit step {step} at", e, url))
-        errors = [e for e in self._gather(error) if e]
-        if errors:
-            return errors[0]  # type: ignore[no-any-return]
-        if self._deleter is not None:
-            self._retention = self._deleter.submit(self._retain)
-        return None
-
-    def _commit(self, folder: str, step: int, extras: dict[str, Any], metrics: dict[str, float]) -> None:
+    def _commit(self, folder: str, job: _SaveJob) -> None:
         """Rank 0, after every rank finished: write the manifest, last, as the commit marker."""
         files = self.storage.find(folder)
         if layout.DCP_METADATA not in files:
             raise FileNotFoundError(f"DCP wrote no {layout.DCP_METADATA} in {self.storage.url_of(folder)}")
         files = {n: s for n, s in files.items() if n != layout.MANIFEST and ".tmp" not in n}
-        manifest = layout.build_manifest(step, self.runtime.world_size, files, metrics, extras)
+        manifest = layout.build_manifest(job.step, self.runtime.world_size, files, job.metrics, job.extras)
         self.storage.write_atomic(layout.encode_manifest(manifest), folder, layout.MANIFEST)
-        self._metrics[folder] = manifest["metrics"]
+        self._manifests[folder] = manifest
 
-    def _gather(self, value: Any) -> list[Any]:
+    def _failed(self, error: CheckpointError) -> bool:
+        if self.on_error == "stop":
+            raise error
+        if self.runtime.is_main:
+            log.warning("%s Training goes on; the next save tries again.", error)
+        return False
+
+    # ---- agreement ----------------------------------------------------------------------------
+
+    def _agree(self, error: IgniterError | None, value: Any = None, *, saver: bool = False) -> list[Any]:
+        """Collective (on the saver's group with `saver`): every rank's `value`, or every rank raises
+        the first rank's error."""
+        return agree(self._gather_on_saver_group if saver else self.runtime.all_gather_object, error, value)
+
+    def _gather_on_saver_group(self, value: Any) -> list[Any]:
         """Collective on the saver's group (the default one for sync saves)."""
         if self._group is None:
             return self.runtime.all_gather_object(value)
@@ -261,12 +324,14 @@ class CheckpointManager:
         dist.all_gather_object(out, value, group=self._group)
         return out
 
-    def _failed(self, message: str) -> bool:
-        if self.on_error == "stop":
-            raise CheckpointError(message)
-        if self.runtime.is_main:
-            log.warning("%s Training goes on; the next save tries again.", message)
-        return False
+    def _cause_error(self, action: str, exc: BaseException, url: str) -> CheckpointError:
+        """The CheckpointError for `exc` (DCP's wrapper unwrapped), keeping ours as they are."""
+        cause = root_cause(exc)
+        if isinstance(cause, CheckpointError):
+            return cause
+        if isinstance(cause, IgniterError):
+            return CheckpointError(str(cause))
+        return self.storage.error(action, cause, url)
 
     # ---- retention ----------------------------------------------------------------------------
 
@@ -276,65 +341,111 @@ class CheckpointManager:
     def _retain(self) -> None:
         """Rank 0, after a commit: delete what retention lets go and older uncommitted leftovers.
 
-        Never fails the save: a deletion that fails is retried at the next commit.
+        Damaged checkpoints neither count towards `n_saved` nor are deleted: the intact ones are
+        what a resume can use, and the damaged ones are the user's to look at. Never fails the save:
+        a deletion that fails is retried at the next commit.
         """
         try:
             folders = self._folders()
-            committed = {s: f for s, f in folders.items() if f.committed}
-            if not committed:
+            intact = {s: f for s, f in folders.items()
+                      if f.committed and s not in self._damaged and not self._problems(f.name, f.files)}
+            if not intact:
                 return
-            metrics = {s: self._manifest_metrics(f) for s, f in committed.items()}
+            metrics = {s: _metrics_of(self._manifest(f.name)) for s, f in intact.items()}
             kept = choose_kept(metrics, self.n_saved, self.keep_best)
-            newest = max(committed)
+            newest = max(intact)
             for step, f in sorted(folders.items()):
-                if f.committed and step not in kept:
+                if step in intact and step not in kept:
                     self.storage.rm(f.name, layout.MANIFEST)  # uncommit first, then delete
                     self.storage.rm_tree(f.name)
-                    self._metrics.pop(f.name, None)
+                    self._manifests.pop(f.name, None)
                 elif not f.committed and step < newest:
                     self.storage.rm_tree(f.name)  # a failed save or a dead run's folder
         except Exception as e:
             log.warning("Retention in %s failed (%s); it runs again after the next save.", self.storage.url,
                         self.storage.describe(e))
 
-    def _manifest_metrics(self, folder: layout.Folder) -> dict[str, float]:
-        if self.keep_best is None:
-            return {}
-        if folder.name not in self._metrics:
-            data = self.storage.read_bytes(folder.name, layout.MANIFEST)
-            metrics = layout.decode_manifest(data, self.storage.url_of(folder.name, layout.MANIFEST)).get("metrics")
-            self._metrics[folder.name] = metrics if isinstance(metrics, dict) else {}
-        return self._metrics[folder.name]
+    def _manifest(self, folder: str) -> dict[str, Any]:
+        """Rank 0: the manifest of committed `folder`, read once; DamagedCheckpoint if it is not one."""
+        if folder not in self._manifests:
+            data = self.storage.read_bytes(folder, layout.MANIFEST)
+            self._manifests[folder] = layout.decode_manifest(data, self.storage.url_of(folder, layout.MANIFEST))
+        return self._manifests[folder]
+
+    def _problems(self, folder: str, files: dict[str, int]) -> list[str]:
+        """Rank 0: what is wrong with committed `folder`, listed as `files`; empty when it is whole."""
+        try:
+            return layout.file_problems(self._manifest(folder), files)
+        except DamagedCheckpoint as e:
+            return [str(e)]
 
     # ---- load ---------------------------------------------------------------------------------
 
+    def load_latest(self, state: dict[str, Any]) -> LoadResult | None:
+        """Collective: load the newest intact committed step in place into `state`; None if none is committed.
+
+        A damaged step is reported on rank 0 (its URL and what is wrong), left on disk untouched and
+        passed over for the one before it. CheckpointError when every committed step is damaged.
+        """
+        damaged: list[int] = []
+        for step in reversed(self._committed_steps()):
+            try:
+                result = self.load(step, state)
+            except DamagedCheckpoint as e:
+                damaged.append(step)
+                self._report(f"{e} It is left on disk untouched.")
+                continue
+            if damaged:
+                self._report(f"Resuming from {result.url}, the newest intact checkpoint.")
+            return result
+        if damaged:
+            names = ", ".join(layout.step_dirname(s) for s in sorted(damaged))
+            raise CheckpointError(
+                f"Every committed checkpoint in {self.url} is damaged ({names}); move those folders out of it "
+                "(or choose another --checkpoint-dir) to start afresh, or pass --resume false."
+            )
+        return None
+
     def load(self, step: int, state: dict[str, Any]) -> LoadResult:
-        """Collective: load committed step `step` in place into the objects of `state`."""
+        """Collective: load committed step `step` in place into the objects of `state`.
+
+        Raises DamagedCheckpoint on every rank when its files are missing, of another size than its
+        manifest recorded, or unreadable; CheckpointError when it cannot be found or reached, or does
+        not match `state`.
+        """
+        try:
+            return self._load(step, state)
+        except DamagedCheckpoint:
+            self._damaged.add(step)
+            raise
+
+    def _load(self, step: int, state: dict[str, Any]) -> LoadResult:
         self.wait()
         entries = state_mod.classify(state)
-        folder = layout.step_dirname(step)
-        url = self.storage.url_of(folder)
-        found: tuple[dict[str, Any], str, str | None] = ({}, folder, None)
+        error: IgniterError | None = None
+        found: tuple[dict[str, Any], str] | None = None
         if self.runtime.is_main:
-            found = self._read_manifest(step)
-        manifest, folder, error = self.runtime.broadcast_object(found)
-        if error:
-            raise CheckpointError(error)
+            try:
+                found = self._committed(step)
+            except IgniterError as e:
+                error = e
+        manifest, folder = self._agree(error, found)[0]
         url = self.storage.url_of(folder)
 
         error = None
+        metadata: Metadata | None = None
+        template: dict[str, Any] = {}
         try:
-            metadata = load_metadata(io.BytesIO(self.storage.read_bytes(folder, layout.DCP_METADATA)), url)
+            metadata = self._metadata(folder)
             template = state_mod.load_template(entries, metadata, self.runtime.rank, url)
         except IgniterError as e:
-            error = str(e)
-        except Exception as e:
-            error = str(self.storage.error("read the metadata of", e, url))
+            error = e
         self._agree(error)
+        assert metadata is not None
 
         try:
             with state_mod.quiet_single_process(self.runtime.distributed):
-                dcp.load(template, storage_reader=safe_reader(url), planner=SafeLoadPlanner(),
+                dcp.load(template, storage_reader=safe_reader(url, self.direct_read), planner=SafeLoadPlanner(),
                          no_dist=not self.runtime.distributed)
         except (Exception, CheckpointException) as e:
             raise self._cause_error("load", e, url) from None  # DCP raised it on every rank
@@ -343,40 +454,53 @@ class CheckpointManager:
         try:
             per_rank = state_mod.apply(entries, template, metadata, self.runtime.rank)
         except IgniterError as e:
-            error = str(e)
+            error = e
         except Exception as e:
-            error = f"Could not apply the state loaded from {url}: {type(e).__name__}: {e}."
+            error = CheckpointError(f"Could not apply the state loaded from {url}: {type(e).__name__}: {e}.")
         self._agree(error)
         saved_world_size = int(manifest.get("world_size") or state_mod.saved_world_size(metadata))
-        return LoadResult(manifest=manifest, per_rank=per_rank, saved_world_size=saved_world_size, url=url)
+        return LoadResult(step=step, manifest=manifest, per_rank=per_rank, saved_world_size=saved_world_size,
+                          url=url)
 
-    def _read_manifest(self, step: int) -> tuple[dict[str, Any], str, str | None]:
-        """Rank 0: (manifest, folder name, None) for committed `step` (any padding), or ({}, "", error)."""
+    def _committed(self, step: int) -> tuple[dict[str, Any], str]:
+        """Rank 0: the manifest and folder name of committed `step` (any padding), once its files match
+        the manifest; DamagedCheckpoint when they do not."""
         try:
             folders = self._folders()
         except Exception as e:
-            return {}, "", str(self.storage.error("list checkpoints in", e))
+            raise self.storage.error("list checkpoints in", e) from None
         f = folders.get(step)
         if f is None or not f.committed:
             committed = sorted(s for s, g in folders.items() if g.committed)
             have = f"its committed steps are {committed[-5:]}" if committed else "it has no committed checkpoint"
-            return {}, "", f"No committed checkpoint for step {step} in {self.storage.url}; {have}."
-        url = self.storage.url_of(f.name, layout.MANIFEST)
+            raise CheckpointError(f"No committed checkpoint for step {step} in {self.storage.url}; {have}.")
         try:
-            return layout.decode_manifest(self.storage.read_bytes(f.name, layout.MANIFEST), url), f.name, None
-        except IgniterError as e:
-            return {}, "", str(e)
+            manifest = self._manifest(f.name)
+        except IgniterError:
+            raise
         except Exception as e:
-            return {}, "", str(self.storage.error("read", e, url))
+            raise self.storage.error("read", e, self.storage.url_of(f.name, layout.MANIFEST)) from None
+        problems = layout.file_problems(manifest, f.files)
+        if problems:
+            raise DamagedCheckpoint(f"The checkpoint {self.storage.url_of(f.name)} is damaged: {'; '.join(problems)}.")
+        return manifest, f.name
 
-    def _agree(self, error: str | None) -> None:
-        """Collective: raise the first rank's error on every rank, so none waits in a later collective."""
-        errors = [e for e in self.runtime.all_gather_object(error) if e]
-        if errors:
-            raise CheckpointError(errors[0])
+    def _metadata(self, folder: str) -> Metadata:
+        """DCP's index of committed `folder`, read through the restricted unpickler."""
+        url = self.storage.url_of(folder)
+        try:
+            data = self.storage.read_bytes(folder, layout.DCP_METADATA)
+        except FileNotFoundError:
+            raise DamagedCheckpoint(f"The checkpoint {url} is damaged: {layout.DCP_METADATA} is missing.") from None
+        except Exception as e:
+            raise self.storage.error("read the metadata of", e, url) from None
+        return load_metadata(io.BytesIO(data), url)
 
-    def _cause_error(self, action: str, exc: BaseException, url: str) -> CheckpointError:
-        cause = root_cause(exc)
-        if isinstance(cause, IgniterError):
-            return CheckpointError(str(cause))
-        return self.storage.error(action, cause, url)
+    def _report(self, message: str) -> None:
+        if self.runtime.is_main:
+            log.warning("%s", message)
+
+
+def _metrics_of(manifest: dict[str, Any]) -> dict[str, float]:
+    metrics = manifest.get("metrics")
+    return metrics if isinstance(metrics, dict) else {}

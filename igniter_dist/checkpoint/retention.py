@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 from ..errors import ConfigError
+
+# The engine logs training metrics as `train/<name>` and each evaluator's as `<evaluator>/<name>`.
+TRAINING_PREFIX = "train/"
 
 
 @dataclass(frozen=True)
@@ -55,3 +59,17 @@ def choose_kept(metrics_by_step: dict[int, dict[str, float]], n_saved: int,
         if best is not None:
             kept.add(best)
     return kept
+
+
+def unlogged_metric(keep_best: KeepBest | None, metrics: Mapping[str, float] | None) -> str | None:
+    """Pure: why `keep_best` can never choose, once the metrics logged so far show it: an evaluation
+    has logged its metrics (or the metric's own group has) without it. None while it may still come.
+    """
+    if keep_best is None or not metrics or keep_best.metric in metrics:
+        return None
+    group = keep_best.metric.split("/", 1)[0] + "/"
+    evaluated = any(not name.startswith(TRAINING_PREFIX) for name in metrics)
+    if not evaluated and not any(name.startswith(group) for name in metrics):
+        return None
+    return (f"--keep-best {keep_best.metric}:{keep_best.mode} names a metric that is not logged (logged: "
+            f"{', '.join(sorted(metrics))}); pass one of these")

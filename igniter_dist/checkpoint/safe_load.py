@@ -19,9 +19,9 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.futures import Future
 
-from ..errors import CheckpointError
-from .direct_read import read_directly
-from .storage import fsspec_io
+from ..errors import CheckpointError, DamagedCheckpoint
+from . import direct_read
+from .storage import fsspec_io, is_outage
 
 _DCP = "torch.distributed.checkpoint"
 ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset({
@@ -55,34 +55,38 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def load_metadata(stream: IO[bytes], url: str) -> Metadata:
-    """Unpickle a DCP `.metadata` stream with the restricted unpickler; CheckpointError if it is not one."""
+    """Unpickle a DCP `.metadata` stream with the restricted unpickler; DamagedCheckpoint if it is not one."""
     try:
         metadata = _MetadataUnpickler(stream).load()
     except Exception as e:
-        raise CheckpointError(
+        raise DamagedCheckpoint(
             f"Refusing to load {url}: its .metadata is not plain DCP metadata ({e}); the checkpoint is "
             "damaged or was crafted to run code."
         ) from None
     if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
-        raise CheckpointError(f"Refusing to load {url}: its .metadata does not hold DCP metadata.")
+        raise DamagedCheckpoint(f"Refusing to load {url}: its .metadata does not hold DCP metadata.")
     for info in (metadata.storage_data or {}).values():
         rel = getattr(info, "relative_path", None)
         if not isinstance(rel, str) or not _SAFE_FILE.match(rel) or rel in (".", ".."):
-            raise CheckpointError(
+            raise DamagedCheckpoint(
                 f"Refusing to load {url}: its .metadata points at a file outside the checkpoint ({rel!r})."
             )
     return metadata
 
 
+def _first_sentence(exc: BaseException) -> str:
+    """The start of an exception's message (torch's zip and pickle errors run to a paragraph)."""
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return text.split(". ", 1)[0].rstrip(".")
+
+
 def load_value(data: IO[bytes], fqn: str) -> Any:
-    """A saved non-tensor value, read with `weights_only` semantics."""
+    """A saved non-tensor value, read with `weights_only` semantics; DamagedCheckpoint if refused."""
     try:
         return torch.load(data, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"Refusing to load the value {fqn!r}: it is not loadable with weights_only ({first_line})."
-        ) from None
+        raise DamagedCheckpoint(f"the value {fqn!r} does not load with weights_only "
+                                f"({_first_sentence(e) or type(e).__name__})") from None
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
@@ -99,14 +103,17 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             self.state_dict[fqn] = loaded
 
 
-def safe_reader(url: str) -> Any:
+def safe_reader(url: str, direct: bool = True) -> Any:
     """An FsspecReader for the checkpoint folder `url` whose `.metadata` goes through `load_metadata`
-    and whose tensors, where `read_directly` allows, are read straight into the live tensors.
+    and whose tensors, where `read_directly` allows (with `direct`, on the torch it was written for),
+    are read straight into the live tensors.
 
-    `direct_reads` on it counts those tensors."""
-    _, FsspecReader = fsspec_io()
+    `direct_reads` on it counts those tensors. A read that fails for any reason but an outage of
+    the storage raises DamagedCheckpoint."""
+    direct = direct and direct_read.supported()
+    reader_class: Any = fsspec_io()[1]  # chosen at run time (public or private module): no static type
 
-    class SafeFsspecReader(FsspecReader):
+    class SafeFsspecReader(reader_class):
         metadata: Metadata | None = None
         direct_reads = 0
 
@@ -115,14 +122,25 @@ def safe_reader(url: str) -> Any:
             self.metadata = metadata
 
         def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-            return super().read_data(read_directly(self, plan, planner, url), planner)
+            # DCP's reader reads everything before it returns its (completed) future.
+            try:
+                if direct:
+                    plan = direct_read.read_directly(self, plan, planner, url)
+                return super().read_data(plan, planner)
+            except CheckpointError as e:  # ours: a record that is short, or a value weights_only refuses
+                raise DamagedCheckpoint(f"The checkpoint {url} is damaged: {e}.") from None
+            except Exception as e:
+                if is_outage(e):
+                    raise
+                raise DamagedCheckpoint(f"The checkpoint {url} is damaged: reading it failed "
+                                        f"({type(e).__name__}: {_first_sentence(e)}).") from None
 
         def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
             rank = kwargs.get("rank")
             name = ".metadata" if rank is None else f"__{rank}.metadata"
             with self.fs.create_stream(self.fs.concat_path(self.path, name), "rb") as f:
                 metadata = load_metadata(f, url)
-            if getattr(metadata, "storage_meta", None) is None:
+            if metadata.storage_meta is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
             return metadata

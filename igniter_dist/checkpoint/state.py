@@ -140,9 +140,8 @@ def unloadable(sd: dict[str, Any]) -> str | None:
 
 def saved_world_size(metadata: Metadata) -> int:
     """How many ranks wrote the checkpoint, from the per-rank entries."""
-    ranks = {_rank_of(k) for k in metadata.state_dict_metadata}
-    ranks.discard(None)
-    return max(ranks) + 1 if ranks else 1  # type: ignore[operator]
+    ranks = {r for k in metadata.state_dict_metadata if (r := _rank_of(k)) is not None}
+    return max(ranks) + 1 if ranks else 1
 
 
 def _rank_of(fqn: str) -> int | None:
@@ -162,6 +161,7 @@ def load_template(entries: list[Entry], metadata: Metadata, rank: int, url: str)
     template: dict[str, Any] = {}
     for e in entries:
         if e.kind in ("model", "optimizer"):
+            live: dict[str, Any]
             if e.kind == "model":
                 live = get_model_state_dict(e.obj)
             else:
@@ -207,7 +207,9 @@ def unflatten(flat: dict[str, Any], metadata: Metadata) -> dict[str, Any]:
     for fqn, value in flat.items():
         path = paths.get(fqn)
         if not isinstance(path, tuple) or not path or not all(isinstance(p, (str, int)) for p in path):
-            raise CheckpointError(f"The checkpoint records no valid key path for {fqn!r}; it was not written by igniter-dist.")
+            raise CheckpointError(
+                f"The checkpoint records no valid key path for {fqn!r}; it was not written by igniter-dist."
+            )
         node = root
         for part in path[:-1]:
             node = node.setdefault(part, {})

@@ -7,12 +7,14 @@ standard environment variables only, because DCP rebuilds its filesystem without
 from __future__ import annotations
 
 import errno
+import importlib
 import logging
 import os
 import sys
 import time
 import uuid
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from ..errors import CheckpointError
 
@@ -30,10 +32,10 @@ _PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, N
 def fsspec_io() -> tuple[type, type]:
     """DCP's `(FsspecWriter, FsspecReader)`, from the public module when torch has it, else the private one."""
     try:
-        from torch.distributed.checkpoint.fsspec_filesystem import FsspecReader, FsspecWriter  # type: ignore
+        module = importlib.import_module("torch.distributed.checkpoint.fsspec_filesystem")
     except ImportError:
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
-    return FsspecWriter, FsspecReader
+        module = importlib.import_module("torch.distributed.checkpoint._fsspec_filesystem")
+    return module.FsspecWriter, module.FsspecReader
 
 
 def protocol_of(url: str) -> str:
@@ -70,6 +72,12 @@ def is_transient(exc: BaseException) -> bool:
         return True
     aiohttp = sys.modules.get("aiohttp")
     return aiohttp is not None and isinstance(exc, aiohttp.ClientError)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether a failed read means the storage is unreachable or refuses access (try again later),
+    rather than that the files read are damaged."""
+    return isinstance(exc, PermissionError) or is_transient(exc) or _sdk_retried(exc)
 
 
 def _sdk_retried(exc: BaseException) -> bool:
@@ -152,7 +160,8 @@ class Storage:
             self._check_bucket()  # object stores have no folders; only the bucket must exist
 
     def write_atomic(self, data: bytes, *parts: str) -> None:
-        """Write a small file so that readers see it whole or not at all (tmp + fsync + rename locally; one PUT on object stores)."""
+        """Write a small file so that readers see it whole or not at all (tmp + fsync + rename locally;
+        one PUT on object stores)."""
         path = self.path_of(*parts)
         if not self.is_local:
             retry(lambda: self.fs.pipe_file(path, data), f"writing {self.url_of(*parts)}")
