@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/checkpoint/bench.py            # ~200 MB state, 3 repetitions
     .venv/bin/python benchmarks/checkpoint/bench.py --quick    # ~20 MB, 1 repetition: a smoke check
+    .venv/bin/python benchmarks/checkpoint/bench.py --storages local --emergency-hidden "" --direct-read false
 
 Runs in the project's environment (s3fs, moto, scikit-learn for the digits example).
 """
@@ -55,25 +56,29 @@ class MotoS3:
         self.server.stop()
 
 
-def run_worker(name: str, url: str, megabytes: float, reps: int, env: dict[str, str] | None = None) -> dict:
+def run_worker(name: str, url: str, megabytes: float, reps: int, env: dict[str, str] | None = None,
+               direct_read: str = "true") -> dict:
     out = OUT / f"checkpoint-{name}.json"
-    args = ["--url", url, "--megabytes", str(megabytes), "--reps", str(reps), "--out", str(out)]
+    args = ["--url", url, "--megabytes", str(megabytes), "--reps", str(reps), "--out", str(out),
+            "--direct-read", direct_read]
     print(f"checkpoint: {name}, {megabytes:.0f} MB, {reps} repetition(s) ...", file=sys.stderr, flush=True)
     run_logged(torchrun_cmd(sys.executable, WORKER, args, 2), out.with_suffix(".log"), env=env)
     return json.loads(out.read_text())
 
 
-def run(quick: bool, storages: list[str], emergency_hidden: list[int]) -> dict:
+def run(quick: bool, storages: list[str], emergency_hidden: list[int], direct_read: str = "true") -> dict:
     megabytes = 20.0 if quick else 200.0
     reps = {"local": 1, "s3": 1} if quick else {"local": 9, "s3": 2}  # local writes are bimodal (page-cache throttling): more reps; moto is slow
     shutil.rmtree(SCRATCH, ignore_errors=True)
     SCRATCH.mkdir(parents=True)
     data: dict = {"machine": machine(), "bandwidth": {}, "emergency": []}
     if "local" in storages:
-        data["bandwidth"]["local"] = run_worker("local", str(SCRATCH / "local"), megabytes, reps["local"])
+        data["bandwidth"]["local"] = run_worker("local", str(SCRATCH / "local"), megabytes, reps["local"],
+                                                direct_read=direct_read)
     if "s3" in storages:
         with MotoS3() as s3:
-            data["bandwidth"]["s3"] = run_worker("s3", f"s3://{s3.bucket}/run", megabytes, reps["s3"], env=s3.env)
+            data["bandwidth"]["s3"] = run_worker("s3", f"s3://{s3.bucket}/run", megabytes, reps["s3"], env=s3.env,
+                                                 direct_read=direct_read)
     for hidden in emergency_hidden:
         print(f"checkpoint: SIGTERM of digits --hidden {hidden} ...", file=sys.stderr, flush=True)
         workdir = SCRATCH / f"emergency-{hidden}"
@@ -144,9 +149,11 @@ def main() -> None:
     p.add_argument("--emergency-hidden", default=None,
                    help="Hidden sizes of the digits MLP for the SIGTERM runs (default 128 and ~200 MB of state; "
                         "--quick: 128); empty for none.")
+    p.add_argument("--direct-read", choices=["true", "false"], default="true",
+                   help="false: local loads go through DCP's own reader, to measure what direct reads gain.")
     args = p.parse_args()
     hidden = args.emergency_hidden if args.emergency_hidden is not None else ("128" if args.quick else "128,222000")
-    data = run(args.quick, args.storages.split(","), [int(h) for h in hidden.split(",") if h])
+    data = run(args.quick, args.storages.split(","), [int(h) for h in hidden.split(",") if h], args.direct_read)
     write_json(OUT / "checkpoint.json", data)
     table = summarize(data)
     (OUT / "checkpoint.md").write_text(table + "\n")

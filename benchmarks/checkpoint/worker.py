@@ -98,7 +98,10 @@ def main() -> None:
     p.add_argument("--megabytes", type=float, default=200.0)
     p.add_argument("--reps", type=int, default=3, help="Timed repetitions, after one warm-up.")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--direct-read", choices=["true", "false"], default="true",
+                   help="false: load every tensor through DCP's own reader (CheckpointManager(direct_read=False)).")
     args = p.parse_args()
+    direct = args.direct_read == "true"
 
     rt = init_runtime("cpu")
     torch.manual_seed(0)
@@ -115,7 +118,7 @@ def main() -> None:
     local = "://" not in url
     fs = plain_fs(url)
     plain_root = f"{url}/plain"
-    sync = CheckpointManager(f"{url}/sync", rt, n_saved=2)
+    sync = CheckpointManager(f"{url}/sync", rt, n_saved=2, direct_read=direct)
     background = CheckpointManager(f"{url}/async", rt, n_saved=2, async_save=True)
     timer = Timer(rt.distributed, settle=local)
     mine_bytes = None if local else b"".join(t.numpy().tobytes() for t in mine)  # pipe takes bytes
@@ -185,7 +188,7 @@ def main() -> None:
     background.close()
     if rt.is_main:
         write_json(args.out, {"url": url, "world_size": rt.world_size, "state_bytes": total_bytes,
-                              "reps": args.reps, "results": timer.results})
+                              "reps": args.reps, "direct_read": direct, "results": timer.results})
     shutdown_runtime()
 
 
