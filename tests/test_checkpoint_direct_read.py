@@ -298,7 +298,7 @@ def test_resharded_loads_read_whole_chunks_directly(tmp_path, caplog):
     assert reader.direct_reads == 2
     assert assert_same_as_dcp(sharded, {k: torch.zeros_like(v) for k, v in full.items()}) == 2
     ddp_template = {f"model.{k}": torch.zeros_like(v) for k, v in fresh_objects()["model"].state_dict().items()}
-    assert assert_same_as_dcp(url, ddp_template) == len(ddp_template)
+    assert assert_same_as_dcp(f"{url}/{step_dirname(1)}", ddp_template) == len(ddp_template)
 
     # ... and on 3 ranks as 3 shards: every read narrows a stored chunk (DCP's path), still bitwise.
     launch.check(launch.torchrun(SHARDED_WORKER, ["load", "--url", sharded, "--out", str(out)], nproc=3,

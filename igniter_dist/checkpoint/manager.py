@@ -91,7 +91,6 @@ class CheckpointManager:
         self.storage = Storage(url)
         self.n_saved = n_saved
         self.keep_best = parse_keep_best(keep_best)
-        self.async_save = async_save
         self.on_error: OnError = on_error
         self.direct_read = direct_read
         # Background writes run their collectives on their own gloo group, so they never interleave
