@@ -84,13 +84,15 @@ def test_load_latest_passes_over_damaged_steps_and_keeps_them(store, caplog):
     assert {s: snapshot(store, s) for s in (2, 3)} == before
 
     # Every committed step damaged: a sentence naming them and the way forward, nothing deleted.
-    truncate(store, 1, name=DCP_METADATA, keep=10)
+    Storage(store).rm(step_dirname(1), "__0_0.distcp")  # deleted by hand
     with pytest.raises(CheckpointError, match=re.escape(
             f"Every committed checkpoint in {store} is damaged (step_0000000001, step_0000000002, "
             "step_0000000003); move those folders out of it (or choose another --checkpoint-dir) to start "
             "afresh, or pass --resume false.")):
         CheckpointManager(store, Runtime()).load_latest(objects())
     assert {s: snapshot(store, s) for s in (2, 3)} == before
+    assert any(r.getMessage().startswith(f"The checkpoint {store}/{step_dirname(1)} is damaged: __0_0.distcp is "
+                                         "missing.") for r in caplog.records)
     assert CheckpointManager(store + "-empty", Runtime()).load_latest(objects()) is None
 
 

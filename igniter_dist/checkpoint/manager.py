@@ -419,6 +419,7 @@ class CheckpointManager:
             raise
 
     def _load(self, step: int, state: dict[str, Any]) -> LoadResult:
+        """Collective: `load` itself (rank 0 checks the files, every rank reads the metadata and its share)."""
         self.wait()
         entries = state_mod.classify(state)
         error: IgniterError | None = None
