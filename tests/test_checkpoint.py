@@ -11,17 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures_s3 import StoppableS3Server
 from torch import nn
 
+import launch
 from igniter_dist.checkpoint import CheckpointManager
 from igniter_dist.checkpoint.layout import MANIFEST
 from igniter_dist.checkpoint.storage import Storage
 from igniter_dist.cli import main as cli_main
 from igniter_dist.errors import CheckpointError
 from igniter_dist.runtime import Runtime
-
-import launch
-from fixtures_s3 import StoppableS3Server
 
 WORKER = Path(__file__).parent / "workers" / "checkpoint_worker.py"
 
@@ -193,7 +192,8 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
     deadline = time.time() + timeout
     while not path.exists():
         if proc.poll() is not None:
-            raise AssertionError(f"worker exited early ({proc.returncode}):\n{proc.stdout.read()[-4000:]}")
+            out = proc.stdout.read() if proc.stdout is not None else ""
+            raise AssertionError(f"worker exited early ({proc.returncode}):\n{out[-4000:]}")
         assert time.time() < deadline, f"timed out waiting for {path}"
         time.sleep(0.05)
 

@@ -12,17 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures_s3 import clear_s3fs_cache
+from test_checkpoint_safety import objects, put, save
 
+import launch
 from igniter_dist.checkpoint import CheckpointManager
 from igniter_dist.checkpoint.layout import DCP_METADATA, MANIFEST, step_dirname
 from igniter_dist.checkpoint.storage import Storage
 from igniter_dist.cli import main as cli_main
 from igniter_dist.errors import CheckpointError, DamagedCheckpoint
 from igniter_dist.runtime import Runtime
-
-import launch
-from fixtures_s3 import clear_s3fs_cache
-from test_checkpoint_safety import objects, put, save
 
 PROBE = launch.ROOT / "tests" / "workers" / "resume_probe.py"
 

@@ -9,12 +9,15 @@ import pickle
 import re
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from test_checkpoint import assert_loads_here, fresh_objects, worker
 from torch import nn
 
+import launch
 from igniter_dist.checkpoint import CheckpointManager, direct_read
 from igniter_dist.checkpoint.direct_read import parse_tensor_pickle, read_into
 from igniter_dist.checkpoint.layout import step_dirname
@@ -22,9 +25,6 @@ from igniter_dist.checkpoint.safe_load import SafeLoadPlanner, safe_reader
 from igniter_dist.checkpoint.storage import fsspec_io
 from igniter_dist.errors import CheckpointError
 from igniter_dist.runtime import Runtime
-
-import launch
-from test_checkpoint import assert_loads_here, fresh_objects, worker
 
 SHARDED_WORKER = Path(__file__).parent / "workers" / "sharded_dcp_worker.py"
 DIRECT_LOG = re.compile(r"read (\d+) tensors straight into their destinations, (\d+) items through DCP")
@@ -91,7 +91,7 @@ def dcp_roundtrip(tmp_path, saved: dict, template: dict):
 
 
 def test_dtypes_shapes_and_layouts_direct_or_through_dcp(tmp_path):
-    saved = {
+    saved: dict[str, Any] = {
         "f32": torch.randn(5, 7), "bf16": torch.randn(33).to(torch.bfloat16), "f16": torch.randn(2, 3, 4).half(),
         "i64": torch.arange(6), "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5),
         "c64": torch.randn(3, dtype=torch.complex64),
@@ -100,8 +100,8 @@ def test_dtypes_shapes_and_layouts_direct_or_through_dcp(tmp_path):
         "into_other_dtype": torch.randn(3),
         "value": {"lr": 0.5},
     }
-    template = {k: torch.zeros_like(v, memory_format=torch.contiguous_format)
-                for k, v in saved.items() if isinstance(v, torch.Tensor)}
+    template: dict[str, Any] = {k: torch.zeros_like(v, memory_format=torch.contiguous_format)
+                                for k, v in saved.items() if isinstance(v, torch.Tensor)}
     template["into_transposed"] = torch.zeros(4, 3).t()
     template["into_other_dtype"] = torch.zeros(3, dtype=torch.float64)
     template["value"] = {"lr": 0.0}
@@ -149,7 +149,7 @@ def test_direct_reads_equal_dcps_reader_on_every_dtype_and_layout(tmp_path):
     g = torch.Generator().manual_seed(0)
     floats = torch.randn(6, 5, generator=g)
     floats[0, 0] = float("nan")
-    saved = {
+    saved: dict[str, Any] = {
         "f32": floats, "f64": torch.randn(7, generator=g, dtype=torch.float64),
         "bf16": torch.randn(33, generator=g).to(torch.bfloat16), "f16": torch.randn(2, 3, 4, generator=g).half(),
         "i8": torch.randint(-128, 127, (9,), generator=g, dtype=torch.int8),
@@ -165,8 +165,8 @@ def test_direct_reads_equal_dcps_reader_on_every_dtype_and_layout(tmp_path):
         "into_other_dtype": torch.randn(3, generator=g),
         "value": {"lr": 0.5, "betas": (0.9, 0.99)},
     }
-    template = {k: torch.zeros_like(v, memory_format=torch.contiguous_format)
-                for k, v in saved.items() if isinstance(v, torch.Tensor)}
+    template: dict[str, Any] = {k: torch.zeros_like(v, memory_format=torch.contiguous_format)
+                                for k, v in saved.items() if isinstance(v, torch.Tensor)}
     template["into_transposed"] = torch.zeros(4, 3).t()
     template["into_other_dtype"] = torch.zeros(3, dtype=torch.float64)
     template["value"] = {"lr": 0.0, "betas": (0.0, 0.0)}

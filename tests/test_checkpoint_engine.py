@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import launch
 from test_checkpoint_damaged import PROBE, committed, probe_args
+
+import launch
 
 
 def test_an_unwritable_model_dir_stops_every_rank_before_the_first_step(tmp_path):

@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fixtures_s3 import clear_s3fs_cache
 from torch import nn
 
+import launch
 from igniter_dist.checkpoint import CheckpointManager, export_model
 from igniter_dist.checkpoint import state as state_mod
 from igniter_dist.checkpoint.layout import MANIFEST, step_dirname
@@ -23,9 +25,6 @@ from igniter_dist.checkpoint.storage import Storage
 from igniter_dist.cli import main as cli_main
 from igniter_dist.errors import CheckpointError, ConfigError
 from igniter_dist.runtime import Runtime
-
-import launch
-from fixtures_s3 import clear_s3fs_cache
 
 
 class RunsCode:
@@ -119,8 +118,8 @@ def test_code_hidden_inside_real_metadata_or_a_value_is_refused(tmp_path, monkey
         save(url2, 1, state)
     monkeypatch.setattr(state_mod, "unloadable", lambda sd: None)
     assert save(url2, 1, state)  # as if written by something that does not check
-    with pytest.raises(CheckpointError,
-                       match=r"ck2/step_0000000001 is damaged: the value 'extra.payload' does not load with weights_only"):
+    refused = r"ck2/step_0000000001 is damaged: the value 'extra.payload' does not load with weights_only"
+    with pytest.raises(CheckpointError, match=refused):
         CheckpointManager(url2, Runtime()).load(1, {**objects(), "extra": {}})
     assert not marker.exists()
 
@@ -146,12 +145,15 @@ def test_errors_name_the_url_and_the_cause(tmp_path):
     with pytest.raises(CheckpointError, match=r"No committed checkpoint for step 5 in .*/ck; it has no committed"):
         mgr.load(5, objects())
     save(url, 5)
+    other = nn.Sequential(nn.Linear(4, 16), nn.Linear(16, 2), nn.ReLU(), nn.Linear(2, 2))
     with pytest.raises(CheckpointError, match=r"does not match the model 'model': missing from the checkpoint: "
-                                              r"'1.bias', '1.weight', '3.bias', '3.weight'; in the checkpoint but not in the model: '2.bias'"):
-        CheckpointManager(url, Runtime()).load(5, {"model": nn.Sequential(nn.Linear(4, 16), nn.Linear(16, 2), nn.ReLU(), nn.Linear(2, 2))})
+                                              r"'1.bias', '1.weight', '3.bias', '3.weight'; in the checkpoint but not "
+                                              r"in the model: '2.bias'"):
+        CheckpointManager(url, Runtime()).load(5, {"model": other})
     with pytest.raises(CheckpointError, match="holds no state named 'scheduler'"):
         CheckpointManager(url, Runtime()).load(5, {**objects(), "scheduler": {}})
-    with pytest.raises(CheckpointError, match=r"Could not prepare the folder for step 1 at /dev/null/ck/step_0000000001: NotADirectoryError"):
+    with pytest.raises(CheckpointError, match=r"Could not prepare the folder for step 1 at "
+                                              r"/dev/null/ck/step_0000000001: NotADirectoryError"):
         save("/dev/null/ck", 1)
     assert save("/dev/null/ck", 1, on_error="warn") is False
     denied = Storage("s3://some-bucket/run").describe(PermissionError("Access Denied"))
@@ -194,7 +196,8 @@ def test_committed_step_is_never_overwritten_and_leftovers_are_replaced(tmp_path
     assert sorted(Storage(url).find(step_dirname(4))) == [".metadata", "__0_0.distcp", MANIFEST]
     loaded = objects(seed=9)
     CheckpointManager(url, Runtime()).load(3, loaded)
-    assert all(torch.equal(a, b) for a, b in zip(loaded["model"].state_dict().values(), first["model"].state_dict().values()))
+    want = first["model"].state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in loaded["model"].state_dict().items())
 
 
 def test_keep_best_survives_a_restart(tmp_path):

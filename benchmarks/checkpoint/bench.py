@@ -68,7 +68,8 @@ def run_worker(name: str, url: str, megabytes: float, reps: int, env: dict[str, 
 
 def run(quick: bool, storages: list[str], emergency_hidden: list[int], direct_read: str = "true") -> dict:
     megabytes = 20.0 if quick else 200.0
-    reps = {"local": 1, "s3": 1} if quick else {"local": 9, "s3": 2}  # local writes are bimodal (page-cache throttling): more reps; moto is slow
+    # Local writes are bimodal (page-cache throttling): more repetitions; moto is slow: fewer.
+    reps = {"local": 1, "s3": 1} if quick else {"local": 9, "s3": 2}
     shutil.rmtree(SCRATCH, ignore_errors=True)
     SCRATCH.mkdir(parents=True)
     data: dict = {"machine": machine(), "bandwidth": {}, "emergency": []}
@@ -109,20 +110,24 @@ def summarize(data: dict) -> str:
         def row(label: str, fn) -> None:
             rows.append([label] + [fn(bw[c]["results"], c) for c in cols])
 
-        row("plain write, same bytes (local: write + fsync; S3: fs.pipe)", lambda r, c: _time_and_rate(_med(r["plain_write_s"]), mb))
+        row("plain write, same bytes (local: write + fsync; S3: fs.pipe)",
+            lambda r, c: _time_and_rate(_med(r["plain_write_s"]), mb))
         row("igniter-dist save (sync)", lambda r, c: _time_and_rate(_med(r["save_s"]), mb))
-        row("**save bandwidth / plain** (target >= 0.80)", lambda r, c: f"**{_med(r['plain_write_s']) / _med(r['save_s']):.2f}**")
+        row("**save bandwidth / plain** (target >= 0.80)",
+            lambda r, c: f"**{_med(r['plain_write_s']) / _med(r['save_s']):.2f}**")
         row("plain read, same bytes (local: readinto existing buffers; S3: fs.cat)",
             lambda r, c: _time_and_rate(_med(r["plain_read_s"]), mb))
         row("igniter-dist load", lambda r, c: _time_and_rate(_med(r["load_s"]), mb))
-        row("**load bandwidth / plain** (target >= 0.80)", lambda r, c: f"**{_med(r['plain_read_s']) / _med(r['load_s']):.2f}**")
+        row("**load bandwidth / plain** (target >= 0.80)",
+            lambda r, c: f"**{_med(r['plain_read_s']) / _med(r['load_s']):.2f}**")
         row("plain read into fresh memory (local: f.read())",
             lambda r, c: _time_and_rate(_med(r["plain_read_new_s"]), mb) if "plain_read_new_s" in r else "-")
         row("load bandwidth / fresh-memory read",
             lambda r, c: f"{_med(r['plain_read_new_s']) / _med(r['load_s']):.2f}" if "plain_read_new_s" in r else "-")
         row("async save: loop blocked", lambda r, c: f"{_med(r['async_blocking_s']):.3f} s")
         row("async save: until written and committed", lambda r, c: f"{_med(r['async_total_s']):.3f} s")
-        row("**async blocked / sync save** (S3 target <= 0.10)", lambda r, c: f"**{_med(r['async_blocking_s']) / _med(r['save_s']):.2f}**")
+        row("**async blocked / sync save** (S3 target <= 0.10)",
+            lambda r, c: f"**{_med(r['async_blocking_s']) / _med(r['save_s']):.2f}**")
         row("resume: find latest + load", lambda r, c: f"{_med(r['resume_s']):.3f} s")
         reps = "/".join(str(bw[c]["reps"]) for c in cols)
         parts.append(f"### Save and load: {mb:.0f} MB (model + Adam), 2 ranks, median of {reps} repetitions\n\n"

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import os
 import statistics
-import sys
 import tempfile
 import time
 import zlib
 from collections.abc import Callable
-from multiprocessing import Barrier, Process, Queue
+from multiprocessing import Barrier, Process, Queue, queues, synchronize
 
 MB = 100
 SAVE_OVER_PLAIN = 0.84  # igniter-dist's local save against a plain write, docs/performance.md
@@ -29,25 +29,24 @@ def algorithms() -> dict[str, Callable[[memoryview], object]]:
         "zlib.crc32": zlib.crc32, "zlib.adler32": zlib.adler32,
         "hashlib.blake2b": lambda b: hashlib.blake2b(b).digest(),
     }
-    try:
-        import crc32c
-
-        algs["crc32c (hardware, extra package)"] = crc32c.crc32c
-    except ImportError:
-        pass
-    try:
-        import xxhash
-
-        algs["xxhash.xxh3_64 (extra package)"] = xxhash.xxh3_64_intdigest
-    except ImportError:
-        pass
+    optional = {"crc32c (hardware, extra package)": ("crc32c", "crc32c"),
+                "xxhash.xxh3_64 (extra package)": ("xxhash", "xxh3_64_intdigest")}
+    for label, (module, function) in optional.items():
+        try:
+            algs[label] = getattr(importlib.import_module(module), function)
+        except ImportError:
+            pass
     return algs
 
 
-def worker(rank: int, reps: int, barrier, results: Queue, folder: str) -> None:
+Times = dict[str, list[float]]
+
+
+def worker(rank: int, reps: int, barrier: synchronize.Barrier, results: queues.Queue[tuple[int, Times]],
+           folder: str) -> None:
     data = memoryview(os.urandom(MB * 1024 * 1024))
     algs = algorithms()
-    times: dict[str, list[float]] = {name: [] for name in ["plain write + fsync", *algs]}
+    times: Times = {name: [] for name in ["plain write + fsync", *algs]}
 
     def timed(name: str, fn: Callable[[], object], keep: bool) -> None:
         barrier.wait()
@@ -78,7 +77,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=7)
     args = p.parse_args()
-    barrier, results = Barrier(2), Queue()
+    barrier = Barrier(2)
+    results: queues.Queue[tuple[int, Times]] = Queue()
     with tempfile.TemporaryDirectory() as folder:
         procs = [Process(target=worker, args=(r, args.reps, barrier, results, folder)) for r in range(2)]
         for proc in procs:
@@ -97,4 +97,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

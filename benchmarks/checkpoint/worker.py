@@ -15,24 +15,30 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from harness import write_json  # noqa: E402
 from torch import nn  # noqa: E402
 
-from harness import write_json  # noqa: E402
 from igniter_dist.checkpoint import CheckpointManager  # noqa: E402
 from igniter_dist.runtime import init_runtime, prepare, shutdown_runtime, unwrap  # noqa: E402
 
 LAYERS = 4
 
 
+def width_of(megabytes: float) -> int:
+    """The layer width at which the parameters plus Adam's two moments take about `megabytes` of float32."""
+    return int(math.sqrt(megabytes * 1e6 / (3 * 4 * LAYERS)))
+
+
 def model_of(megabytes: float) -> nn.Module:
     """An MLP whose parameters plus Adam's two moments take about `megabytes` of float32."""
-    width = int(math.sqrt(megabytes * 1e6 / (3 * 4 * LAYERS)))
+    width = width_of(megabytes)
     return nn.Sequential(*(nn.Linear(width, width, bias=False) for _ in range(LAYERS)))
 
 
@@ -107,7 +113,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = prepare(model_of(args.megabytes))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model(torch.randn(8, unwrap(model)[0].in_features)).sum().backward()
+    model(torch.randn(8, width_of(args.megabytes))).sum().backward()
     optimizer.step()  # Adam's moments now exist
     state = {"model": model, "optimizer": optimizer}
     tensors = state_tensors(model, optimizer)
@@ -165,9 +171,11 @@ def main() -> None:
     for rep in range(args.reps + 1):  # repetition 0 warms up (connections, allocations) and is dropped
         if rt.is_main and local:
             os.makedirs(f"{plain_root}/{rep}", exist_ok=True)
-        writes = [("plain_write_s", lambda: plain_write(rep)),
-                  ("save_s", lambda: sync.save(rep, state, per_rank={}, manifest={}))]
-        reads = [("plain_read_s", lambda: plain_read(rep)), ("load_s", lambda: sync.load(rep, state))]
+        writes: list[tuple[str, Callable[[], object]]] = [
+            ("plain_write_s", partial(plain_write, rep)),
+            ("save_s", partial(sync.save, rep, state, per_rank={}, manifest={}))]
+        reads: list[tuple[str, Callable[[], object]]] = [
+            ("plain_read_s", partial(plain_read, rep)), ("load_s", partial(sync.load, rep, state))]
         if rep % 2:  # alternate which goes first: the page cache and the disk's write-back favour one order
             writes.reverse()
             reads.reverse()
@@ -178,8 +186,8 @@ def main() -> None:
         for name, op in reads:
             timer.time(name, op)
         if local:
-            timer.time("plain_read_new_s", lambda: plain_read_new(rep))
-        timer.time("resume_s", lambda: sync.load(sync.latest(), state))  # what a restart does: find latest, load
+            timer.time("plain_read_new_s", partial(plain_read_new, rep))
+        timer.time("resume_s", partial(sync.load_latest, state))  # what a restart does: find latest, load
         if rt.is_main:
             fs.rm(f"{plain_root}/{rep}", recursive=True)
         if rep == 0:

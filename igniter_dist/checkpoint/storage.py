@@ -14,9 +14,12 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import CheckpointError
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -29,7 +32,7 @@ _PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, N
                         FileExistsError)
 
 
-def fsspec_io() -> tuple[type, type]:
+def fsspec_io() -> tuple[type[FileSystemWriter], type[FileSystemReader]]:
     """DCP's `(FsspecWriter, FsspecReader)`, from the public module when torch has it, else the private one."""
     try:
         module = importlib.import_module("torch.distributed.checkpoint.fsspec_filesystem")

@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 from torch import nn
@@ -57,7 +58,7 @@ def kill_self() -> None:
 
 
 def inject(point: str, rank: int, sync: Path | None) -> None:
-    """Patch one step of the next save so that this rank dies (or pauses) there."""
+    """Patch one step of the next save so that this rank dies (or pauses) there, for the rest of the process."""
     FsspecWriter, _ = fsspec_io()
     if point == "write" and rank == 1:
         original = FsspecWriter.write_data
@@ -68,9 +69,9 @@ def inject(point: str, rank: int, sync: Path | None) -> None:
             kill_self()
             return fut
 
-        FsspecWriter.write_data = write_then_die
+        patch.object(FsspecWriter, "write_data", write_then_die).start()
     elif point == "commit" and rank == 0:
-        _Manager._commit = lambda *a, **k: kill_self()
+        patch.object(_Manager, "_commit", lambda *a, **k: kill_self()).start()
     elif point == "retention" and rank == 0:
         retain, rm_tree = _Manager._retain, Storage.rm_tree
         in_retention = []
@@ -84,8 +85,8 @@ def inject(point: str, rank: int, sync: Path | None) -> None:
                 kill_self()  # retention already removed this folder's manifest
             return rm_tree(self, *parts)
 
-        _Manager._retain = retain_flagged
-        Storage.rm_tree = rm_tree_or_die
+        patch.object(_Manager, "_retain", retain_flagged).start()
+        patch.object(Storage, "rm_tree", rm_tree_or_die).start()
     elif point == "pause" and rank == 1:
         assert sync is not None
         original = FsspecWriter.write_data
@@ -96,7 +97,7 @@ def inject(point: str, rank: int, sync: Path | None) -> None:
                 time.sleep(0.05)
             return original(self, plan, planner)
 
-        FsspecWriter.write_data = pause_then_write
+        patch.object(FsspecWriter, "write_data", pause_then_write).start()
 
 
 def wait_for(path: Path, timeout: float = 120) -> None:
@@ -213,7 +214,8 @@ def main() -> int:
     p.add_argument("--fault-step", type=int, default=-1)
     p.add_argument("--saved-world-size", type=int, default=2)
     p.add_argument("--export", default=None, help="Rank 0 exports the final model here.")
-    p.add_argument("--verify-load", action="store_true", help="After saving, load the latest into new objects and compare.")
+    p.add_argument("--verify-load", action="store_true",
+                   help="After saving, load the latest into new objects and compare.")
     args = p.parse_args()
     rt = init_runtime("cpu")
     try:
