@@ -284,6 +284,12 @@ def test_unwritable_local_folders_are_named_before_anything_runs(tmp_path):
     check_writable(Runtime(), checkpoint_dir="memory://run/ck", output_dir=str(fresh), model_dir=str(fresh / "m"))
 
 
+def test_a_missing_bucket_is_named_before_anything_runs(s3_endpoint):
+    with pytest.raises(CheckpointError, match=r"^Could not list checkpoints in s3://no-such-bucket-probe/run: the "
+                                              r"bucket 'no-such-bucket-probe' does not exist"):
+        check_writable(Runtime(), checkpoint_dir="s3://no-such-bucket-probe/run", output_dir=None, model_dir=None)
+
+
 def test_a_read_only_folder_is_named_before_anything_runs(tmp_path):
     read_only = tmp_path / "ro"
     read_only.mkdir()

@@ -2,7 +2,7 @@
 
 A folder that cannot be written (a file in its place, a read-only folder, a path under a file)
 would otherwise be found at the first save or at the end, after the training it was meant to keep.
-Object stores are checked by the first listing of the checkpoint folder instead.
+An object-store checkpoint folder is listed instead (its bucket must exist and allow listing).
 """
 
 from __future__ import annotations
@@ -37,25 +37,40 @@ def unwritable(path: str) -> str | None:
 
 def check_writable(runtime: Runtime, *, checkpoint_dir: str | None, output_dir: str | None,
                    model_dir: str | None) -> None:
-    """Collective: probe the local folders the run writes; on failure every rank raises one sentence
-    naming the flag, the path and the reason (CheckpointError for the checkpoint folder, which every
-    rank writes its shard to and probes; ConfigError for the output and model folders, which rank 0
-    alone writes and probes)."""
+    """Collective: probe the folders the run writes; on failure every rank raises one sentence naming
+    the flag, the path and the reason (CheckpointError for the checkpoint folder, which every rank
+    writes its shard to and probes, rank 0 alone listing it on an object store; ConfigError for the
+    output and model folders, which rank 0 alone writes and probes)."""
     error: IgniterError | None = None
     probes = [("--checkpoint-dir", checkpoint_dir, CheckpointError, True),
               ("--output-dir", output_dir, ConfigError, runtime.is_main),
               ("--model-dir", model_dir, ConfigError, runtime.is_main)]
     for flag, location, kind, mine in probes:
-        if not location or not mine:
-            continue
-        try:
-            storage = Storage(location)
-        except CheckpointError as e:
-            error = kind(str(e))
-            break
-        reason = unwritable(storage.root) if storage.is_local else None
-        if reason is not None:
-            error = kind(f"{flag} {location} cannot be written ({reason}); pass a folder this process can "
-                         "create and write.")
-            break
+        if location and mine:
+            error = _problem(flag, location, kind, list_remote=runtime.is_main and flag == "--checkpoint-dir")
+            if error is not None:
+                break
     agree(runtime.all_gather_object, error)
+
+
+def _problem(flag: str, location: str, kind: type[IgniterError], *, list_remote: bool) -> IgniterError | None:
+    """Why the run could not write to `location` (given as `flag`), or None."""
+    try:
+        storage = Storage(location)
+    except CheckpointError as e:
+        return kind(str(e))
+    if not storage.is_local:
+        return _unlistable(storage) if list_remote else None
+    reason = unwritable(storage.root)
+    if reason is None:
+        return None
+    return kind(f"{flag} {location} cannot be written ({reason}); pass a folder this process can create and write.")
+
+
+def _unlistable(storage: Storage) -> CheckpointError | None:
+    """The error listing an object-store checkpoint folder gives (no such bucket, access denied), if any."""
+    try:
+        storage.find()
+    except Exception as e:
+        return storage.error("list checkpoints in", e)
+    return None
