@@ -4,12 +4,13 @@ One script runs as `python train.py`, under `torchrun` and in SageMaker multi-in
 DDP, sharded data, exact metrics across ranks, sharded checkpoints on any fsspec URL, resume.
 """
 
-from .args import Every, parser_for_docs, train_kwargs
+from .args import parser_for_docs, train_kwargs
 from .engine import Engine
 from .errors import CheckpointError, ConfigError, IgniterError, StepOutputError
 from .main import igniter_main
 from .metrics import Metric
 from .runtime import Runtime, prepare, runtime
+from .schedule import Every
 from .signals import Interrupted
 from .spec import RunSpec
 from .steps import SchedulerSpec, StepOptions, supervised_eval_step, supervised_step

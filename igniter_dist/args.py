@@ -3,118 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import re
-from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any
 
 from . import sagemaker
 from .errors import ConfigError
-
-TRUE = {"true", "1", "yes", "y", "on"}
-FALSE = {"false", "0", "no", "n", "off"}
-SECRET_WORDS = ("password", "secret", "token", "key", "credential")
-REDACTED = "***"
-
-
-def parse_bool(value: str | bool) -> bool:
-    """Parse an explicit boolean (`true/false/True/False/1/0/yes/no`), as SageMaker passes them."""
-    if isinstance(value, bool):
-        return value
-    v = str(value).strip().lower()
-    if v in TRUE:
-        return True
-    if v in FALSE:
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
-
-
-def positive_int(value: str) -> int:
-    n = int(value)
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}")
-    return n
-
-
-def non_negative_int(value: str) -> int:
-    n = int(value)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be zero or a positive integer, got {value!r}")
-    return n
-
-
-def positive_float(value: str) -> float:
-    x = float(value)
-    if not x > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {value!r}")
-    return x
-
-
-@dataclass(frozen=True)
-class Every:
-    """A schedule: every `n` epochs or every `n` training iterations (`n == 0` means never)."""
-
-    n: int
-    unit: Literal["epochs", "steps"] = "epochs"
-
-    def due(self, step: int, epoch: int, epoch_ended: bool) -> bool:
-        """Pure predicate: is the scheduled thing due after this step (or this epoch's end)?"""
-        if self.n <= 0:
-            return False
-        if self.unit == "steps":
-            return step % self.n == 0
-        return epoch_ended and epoch % self.n == 0
-
-    def __str__(self) -> str:
-        return f"{self.n}{self.unit}"
-
-
-_EVERY = re.compile(r"^\s*(\d+)\s*(e|ep|epoch|epochs|s|step|steps|it|iter|iters|iteration|iterations)?\s*$")
-
-
-def parse_every(value: str | int | Every) -> Every:
-    """Parse `2`, `2epochs` (epochs) or `500steps` / `500it` (training iterations); `0` is never."""
-    if isinstance(value, Every):
-        return value
-    m = _EVERY.match(str(value).lower())
-    if not m:
-        raise argparse.ArgumentTypeError(
-            f"expected a count of epochs or steps such as 1, 2epochs or 500steps, got {value!r}"
-        )
-    unit = m.group(2) or "epochs"
-    return Every(int(m.group(1)), "epochs" if unit.startswith("e") else "steps")
-
-
-def parse_tags(value: str) -> dict[str, str]:
-    """Parse `k=v,k2=v2`."""
-    tags: dict[str, str] = {}
-    for part in filter(None, (p.strip() for p in value.split(","))):
-        if "=" not in part:
-            raise argparse.ArgumentTypeError(f"expected key=value pairs separated by commas, got {part!r}")
-        k, v = part.split("=", 1)
-        tags[k.strip()] = v.strip()
-    return tags
-
-
-def is_secret(name: str) -> bool:
-    """Whether a parameter's name looks like it holds a secret (password, token, key, ...)."""
-    n = name.lower()
-    return any(w in n for w in SECRET_WORDS)
-
-
-def redact(params: dict[str, Any]) -> dict[str, Any]:
-    """A JSON-ready copy of `params` with secret-looking values replaced, safe to write anywhere."""
-    return {k: (REDACTED if is_secret(k) and v not in (None, "") else _plain(v)) for k, v in params.items()}
-
-
-def _plain(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, dict):
-        return {str(k): (REDACTED if is_secret(str(k)) else _plain(v)) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return str(value)
-
+from .schedule import Every, parse_every
+from .values import non_negative_int, parse_bool, positive_float, positive_int
 
 class _Parser(argparse.ArgumentParser):
     """argparse that raises ConfigError instead of exiting, so errors follow one path."""

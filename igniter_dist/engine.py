@@ -11,18 +11,18 @@ import signal
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from itertools import islice
 from typing import Any
 
 import torch
 from torch import nn
 
-from .args import Every
 from .data import ShardedSampler, seed_workers, train_sampler
 from .errors import ConfigError, StepOutputError
 from .metrics import MetricSet
 from .runtime import Runtime
+from .schedule import Schedule
 from .signals import Interrupted, StopFlag
 from .spec import RunSpec
 from .steps import GradientStepper, SchedulerSpec, StepOptions
@@ -36,15 +36,6 @@ class EngineState:
     step: int = 0  # training iterations done, over all epochs
     epoch: int = 0  # epochs completed
     iteration: int = 0  # iterations done in the current epoch
-
-
-@dataclass(frozen=True)
-class Schedule:
-    max_epochs: int = 1
-    log_every: int = 50
-    eval_every: Every = field(default_factory=lambda: Every(1))
-    save_every: Every = field(default_factory=lambda: Every(1))
-    save_every_minutes: float | None = None
 
 
 @dataclass

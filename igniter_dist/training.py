@@ -14,15 +14,16 @@ import torch
 from torch import nn
 
 from . import debug
-from .args import Every, parse_every, redact
 from .checkpoint.probe import check_writable
 from .data import shard_eval_loader, shard_train_loader
-from .engine import Engine, Loop, Schedule, check_epoch_length
+from .engine import Engine, Loop, check_epoch_length
 from .errors import ConfigError
 from .metrics import MetricSet
+from .redaction import redact
 from .resume import RunCheckpoints
 from .rng import seed_everything
 from .runtime import Runtime, runtime
+from .schedule import Every, Schedule, parse_every
 from .signals import Interrupted, StopFlag
 from .debug import DebugChecks
 from .spec import RunSpec

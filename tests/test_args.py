@@ -2,8 +2,11 @@
 
 import pytest
 
-from igniter_dist.args import Every, build_parser, parse_args, parse_bool, parse_every, redact, train_kwargs
+from igniter_dist.args import build_parser, parse_args, train_kwargs
 from igniter_dist.errors import ConfigError
+from igniter_dist.redaction import redact
+from igniter_dist.schedule import Every, parse_every
+from igniter_dist.values import parse_bool
 
 
 @pytest.mark.parametrize("text,value", [("true", True), ("True", True), ("1", True), ("yes", True),

@@ -19,8 +19,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..args import REDACTED, is_secret, positive_float
 from ..errors import ConfigError, IgniterError
+from ..redaction import REDACTED, is_secret
+from ..values import positive_float
 from . import contract
 
 # SageMaker starts a bring-your-own container as `docker run IMAGE train`.

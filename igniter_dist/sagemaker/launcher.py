@@ -20,8 +20,8 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..args import FALSE, TRUE, parse_bool, positive_int
 from ..errors import ConfigError
+from ..values import FALSE, TRUE, parse_bool, positive_int
 
 CODE_CHANNEL = "code"  # the entrypoint unpacks <channel>/sourcedir.tar.gz into /opt/ml/code
 CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..args import redact
+from ..redaction import redact
 from .base import Progress, RunInfo, RunStatus
 
 log = logging.getLogger(__name__)

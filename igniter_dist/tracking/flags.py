@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..args import parse_bool, parse_tags
+from ..values import parse_bool, parse_tags
 
 
 def add_mlflow_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:

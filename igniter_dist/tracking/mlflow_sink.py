@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..args import REDACTED, is_secret
+from ..redaction import REDACTED, is_secret
 from .base import Progress, RunInfo, RunStatus
 from .sender import Sender, one_line
 

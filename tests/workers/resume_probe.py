@@ -15,7 +15,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 import igniter_dist as ig
-from igniter_dist.args import parse_bool
+from igniter_dist.values import parse_bool
 from igniter_dist.runtime import unwrap
 
 
