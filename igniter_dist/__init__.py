@@ -9,12 +9,13 @@ from .engine import Engine
 from .errors import CheckpointError, ConfigError, IgniterError, StepOutputError
 from .main import igniter_main
 from .metrics import Metric
-from .runtime import Runtime, prepare, runtime
+from .runtime import Runtime, runtime
 from .schedule import Every
 from .signals import Interrupted
 from .spec import RunSpec
 from .steps import SchedulerSpec, StepOptions, supervised_eval_step, supervised_step
 from .training import evaluate, train
+from .wrapping import prepare
 
 __version__ = "0.1.0"
 

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from .errors import IgniterError
-from .runtime import Runtime, unwrap
+from .runtime import Runtime
+from .wrapping import unwrap
 
 if TYPE_CHECKING:
     from .engine import Engine, Loop

@@ -13,6 +13,7 @@ from .errors import IgniterError
 from .rng import seed_everything
 from .runtime import exit_process, init_runtime, runtime, runtime_was_distributed, shutdown_runtime
 from .signals import Interrupted
+from .wrapping import PrepareOptions, configure
 
 
 def igniter_main(
@@ -33,9 +34,11 @@ def igniter_main(
     agreed_exit = False
     try:
         args = parse_args(build_parser(inputs, argparse_callback, description), argv)
-        rt = init_runtime(device=args.device, timeout_s=args.dist_timeout,
-                          find_unused_parameters=args.find_unused_parameters, sync_batchnorm=args.sync_batchnorm,
-                          compile=args.compile, deterministic=args.deterministic, debug=args.debug)
+        rt = init_runtime(device=args.device, timeout_s=args.dist_timeout, deterministic=args.deterministic,
+                          debug=args.debug)
+        # what ig.prepare does where the script does not say
+        configure(PrepareOptions(find_unused_parameters=args.find_unused_parameters,
+                                 sync_batchnorm=args.sync_batchnorm, compile=args.compile))
         rank_prefix = f"[rank {rt.rank}] " if rt.distributed else ""
         seed_everything(args.seed)  # identical model initialisation on every rank
         main(args)
@@ -55,6 +58,7 @@ def igniter_main(
     finally:
         distributed = runtime_was_distributed()
         shutdown_runtime(barrier=agreed_exit)
+        configure(PrepareOptions())
     exit_process(code, distributed)
 
 

@@ -15,7 +15,6 @@ from typing import Any, Literal, NoReturn
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from .errors import ConfigError
 
@@ -34,11 +33,6 @@ class Runtime:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str | None = None
     kind: EnvironmentKind = "single"
-    # How `prepare` wraps models when the script does not say (from the flags of the same names).
-    find_unused_parameters: bool = False
-    sync_batchnorm: bool = False
-    compile: bool = False
-    debug: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -69,14 +63,6 @@ class Runtime:
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
-
-    def any(self, flag: bool) -> bool:
-        """Collective: True on every rank when `flag` is True on at least one."""
-        if not self.distributed:
-            return flag
-        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.collective_device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
 
     def barrier(self) -> None:
         """Collective: wait for every rank."""
@@ -131,8 +117,7 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
     )
 
 
-def init_runtime(device: str = "auto", timeout_s: float = 1800.0, *, find_unused_parameters: bool = False,
-                 sync_batchnorm: bool = False, compile: bool = False, deterministic: bool = False,
+def init_runtime(device: str = "auto", timeout_s: float = 1800.0, *, deterministic: bool = False,
                  debug: bool = False) -> Runtime:
     """Read the launcher's variables, bind the device and start the process group if needed."""
     global _current
@@ -171,10 +156,6 @@ def init_runtime(device: str = "auto", timeout_s: float = 1800.0, *, find_unused
         device=dev,
         backend=backend,
         kind=kind,
-        find_unused_parameters=find_unused_parameters,
-        sync_batchnorm=sync_batchnorm,
-        compile=compile,
-        debug=debug,
     )
     return _current
 
@@ -238,38 +219,3 @@ def runtime_was_distributed() -> bool:
 def runtime() -> Runtime:
     """The facts of this process; starts a runtime with defaults when `igniter_main` has not."""
     return _current if _current is not None else init_runtime()
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside a DDP (or torch.compile) wrapper."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def prepare(
-    model: nn.Module,
-    find_unused_parameters: bool | None = None,
-    sync_batchnorm: bool | None = None,
-    compile: bool | None = None,
-) -> nn.Module:
-    """Move `model` to this rank's device, wrap it in DDP when world_size > 1, optionally compile it.
-
-    Options left as None follow the flags `--find-unused-parameters`, `--sync-batchnorm` and
-    `--compile`.
-    """
-    rt = runtime()
-    unused = rt.find_unused_parameters if find_unused_parameters is None else find_unused_parameters
-    if (rt.sync_batchnorm if sync_batchnorm is None else sync_batchnorm) and rt.distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(rt.device)
-    if rt.distributed:
-        device_ids = [rt.device.index] if rt.device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=unused)
-    if rt.compile if compile is None else compile:
-        model = torch.compile(model)  # type: ignore[assignment]
-    return model

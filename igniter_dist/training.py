@@ -82,7 +82,7 @@ def train(
     train_loop = _train_loop(train_spec, rt, seed)
     evaluators = {name: _eval_loop(name, spec, rt) for name, spec in _named(eval_spec).items()}
     checks = None
-    if debug or rt.debug:
+    if debug:
         schedule, checkpoint_dir, resume, checks = _debug_mode(rt, to_save, train_loop, evaluators, output_dir)
     sinks = _sinks(rt, output_dir, console, mlflow)
     checkpoints = _checkpoints(rt, to_save, checkpoint_dir, output_dir, params, n_saved=n_saved,

@@ -26,7 +26,8 @@ from harness import write_json  # noqa: E402
 from torch import nn  # noqa: E402
 
 from igniter_dist.checkpoint import CheckpointManager  # noqa: E402
-from igniter_dist.runtime import init_runtime, prepare, shutdown_runtime, unwrap  # noqa: E402
+from igniter_dist.runtime import init_runtime, shutdown_runtime  # noqa: E402
+from igniter_dist.wrapping import prepare, unwrap  # noqa: E402
 
 LAYERS = 4
 

@@ -11,7 +11,7 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ..errors import CheckpointError, IgniterError
-from ..runtime import unwrap
+from ..wrapping import unwrap
 from . import layout
 from .safe_load import SafeLoadPlanner, load_metadata, safe_reader
 from .state import PER_RANK_PREFIX, buffers_for, quiet_single_process

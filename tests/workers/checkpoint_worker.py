@@ -24,7 +24,8 @@ from igniter_dist.checkpoint import CheckpointManager, export_model
 from igniter_dist.checkpoint.manager import CheckpointManager as _Manager
 from igniter_dist.checkpoint.storage import Storage, fsspec_io
 from igniter_dist.errors import CheckpointError
-from igniter_dist.runtime import exit_process, init_runtime, prepare, shutdown_runtime, unwrap
+from igniter_dist.runtime import exit_process, init_runtime, shutdown_runtime
+from igniter_dist.wrapping import prepare, unwrap
 
 
 def build(seed: int):

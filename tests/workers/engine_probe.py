@@ -20,7 +20,7 @@ import torchmetrics
 from torch.utils.data import DataLoader, Dataset
 
 import igniter_dist as ig
-from igniter_dist.runtime import unwrap
+from igniter_dist.wrapping import unwrap
 
 
 class Indexed(Dataset):

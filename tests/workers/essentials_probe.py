@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import igniter_dist as ig
 from igniter_dist.values import parse_bool
-from igniter_dist.runtime import unwrap
+from igniter_dist.wrapping import unwrap
 
 
 def main(args):

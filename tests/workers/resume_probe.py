@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import igniter_dist as ig
 from igniter_dist.values import parse_bool
-from igniter_dist.runtime import unwrap
+from igniter_dist.wrapping import unwrap
 
 
 class Numbers(Dataset):
