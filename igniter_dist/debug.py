@@ -91,19 +91,19 @@ class DebugChecks:
 
     def after_save(self, engine: Engine) -> None:
         """Collective, once: load the checkpoint just saved and check nothing changed."""
-        if self.round_tripped or engine.checkpoints is None:
+        checkpoints = engine.checkpoints
+        if self.round_tripped or checkpoints is None:
             return
         self.round_tripped = True
         before = tensor_digests(engine.to_save)
         start = time.perf_counter()
-        manager = engine.checkpoints.manager
-        manager.wait()
-        manager.load(engine.state.step, engine.checkpoints.state(engine))
+        checkpoints.wait()
+        checkpoints.load(engine.state.step, engine.checkpoint_state())
         changed = [k for k, v in tensor_digests(engine.to_save).items() if before.get(k) != v]
         if changed:
             raise IgniterError(f"Checkpoint round trip changed {', '.join(changed[:5])}; please report this bug.")
         self._say(f"checkpoint round trip ok: step {engine.state.step} saved and loaded back from "
-                  f"{manager.url_of(engine.state.step)} in {time.perf_counter() - start:.2f} s")
+                  f"{checkpoints.url_of(engine.state.step)} in {time.perf_counter() - start:.2f} s")
 
     def _say(self, message: str) -> None:
         if self.runtime.is_main:

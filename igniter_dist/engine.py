@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from itertools import islice
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -21,12 +21,16 @@ from torch import nn
 from .data import ShardedSampler, seed_workers, train_sampler
 from .errors import ConfigError, StepOutputError
 from .metrics import MetricSet
+from .resume import Checkpoints, RankState, RunState
 from .runtime import Runtime
 from .schedule import Schedule
 from .signals import Interrupted, StopFlag
 from .spec import RunSpec
 from .steps import GradientStepper, SchedulerSpec, StepOptions
 from .tracking.base import NullSink, Progress, Sink
+
+if TYPE_CHECKING:
+    from .debug import DebugChecks
 
 
 @dataclass
@@ -54,22 +58,22 @@ class Engine:
     """Runs training and evaluation loops; handed to every step function as its first argument."""
 
     def __init__(self, *, runtime: Runtime, train: Loop, evaluators: dict[str, Loop], schedule: Schedule,
-                 to_save: Mapping[str, Any], sinks: Sink | None = None, checkpoints: Any = None,
+                 to_save: Mapping[str, Any], sinks: Sink | None = None, checkpoints: Checkpoints | None = None,
                  stop: StopFlag | None = None, seed: int = 1, step_options: StepOptions | None = None,
-                 debug: Any = None):
+                 debug: DebugChecks | None = None):
         self.runtime = runtime
         self.train_loop = train
         self.evaluators = evaluators
         self.schedule = schedule
         self.to_save = dict(to_save)
         self.sinks: Sink = sinks or NullSink()
-        self.checkpoints = checkpoints  # CheckpointSession | None
+        self.checkpoints = checkpoints
         self.stop = stop or StopFlag(runtime.distributed)
         self.seed = seed
         modules = [m for m in self.to_save.values() if isinstance(m, nn.Module)]
         self.stepper = GradientStepper(step_options or StepOptions(), runtime.device, modules)
         self.schedulers = [s for s in self.to_save.values() if isinstance(s, SchedulerSpec)]
-        self.debug = debug  # DebugChecks | None: replica agreement and a checkpoint round trip
+        self.debug = debug  # replica agreement and a checkpoint round trip
         self.state = EngineState()
         self.metrics: dict[str, float] = {}  # the latest value of every logged metric
         self._last_save = time.monotonic()
@@ -162,7 +166,9 @@ class Engine:
         self.stepper.backward(loss)
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Step `optimizer` at the end of an accumulation window (unscale, clip, step, zero_grad); True if it stepped."""
+        """Step `optimizer` at the end of an accumulation window (unscale, clip, step, zero_grad).
+
+        Returns True if it stepped."""
         return self.stepper.optimizer_step(optimizer)
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -211,9 +217,9 @@ class Engine:
         try:
             yield
         finally:
-            for m, flag in zip(modules, was_training):
+            for m, flag in zip(modules, was_training, strict=True):
                 m.train(flag)
-            for m, flag in zip(ddps, sync_flags):
+            for m, flag in zip(ddps, sync_flags, strict=True):
                 m.require_forward_param_sync = flag
 
     # ---------------------------------------------------------------- metrics, checkpoints
@@ -258,9 +264,16 @@ class Engine:
     def _save(self) -> None:
         """Collective: every rank saves the same step (no-op without a checkpoint dir)."""
         self._last_save = time.monotonic()
-        if self.checkpoints is not None:
-            committed = self.checkpoints.save(self)
-            if committed and self.debug is not None:
+        if self.checkpoints is None:
+            return
+        s = self.state
+        manifest: dict[str, Any] = {"epoch": s.epoch, "iteration": s.iteration}
+        if self.sinks.run_id:
+            manifest["tracking_run_id"] = self.sinks.run_id
+        if self.checkpoints.save(s.step, self.checkpoint_state(), manifest=manifest, metrics=dict(self.metrics)):
+            self.sinks.set_tag("checkpoint", self.checkpoints.url_of(s.step))
+            self.sinks.flush()
+            if self.debug is not None:
                 self.debug.after_save(self)
 
     def _emergency_save(self, signum: int) -> None:
@@ -268,7 +281,7 @@ class Engine:
         start = time.perf_counter()
         self._save()
         if self.checkpoints is not None:
-            self.checkpoints.manager.wait()
+            self.checkpoints.wait()
             if self.runtime.is_main:
                 print(f"igniter-dist: saved step {self.state.step} in {time.perf_counter() - start:.2f} s after "
                       f"{signal.Signals(signum).name}", file=sys.stderr, flush=True)
@@ -290,7 +303,15 @@ class Engine:
         bs = self.train_loop.loader.batch_size
         return min(sampler.size, self.state.iteration * bs * self.runtime.world_size)
 
+    def checkpoint_state(self) -> RunState:
+        """What a checkpoint saves of this run: `to_save`, the engine, the loss scaler; this rank's own state."""
+        shared = {**self.to_save, "engine": self}
+        if self.stepper.scaler is not None:  # 16-mixed: the loss scale must survive a resume
+            shared["grad_scaler"] = self.stepper.scaler
+        return RunState(shared=shared, per_rank=RankState(self.train_loop.metrics))
+
     def state_dict(self) -> dict[str, Any]:
+        """The loop's counters and latest metrics (the "engine" entry of a checkpoint)."""
         return {**asdict(self.state), "position": self._position(), "world_size": self.runtime.world_size,
                 "metrics": dict(self.metrics)}
 

@@ -20,7 +20,7 @@ from .engine import Engine, Loop, check_epoch_length
 from .errors import ConfigError
 from .metrics import MetricSet
 from .redaction import redact
-from .resume import RunCheckpoints
+from .resume import Checkpoints, Resumed, RunCheckpoints
 from .rng import seed_everything
 from .runtime import Runtime, runtime
 from .schedule import Every, Schedule, parse_every
@@ -85,10 +85,10 @@ def train(
     if debug:
         schedule, checkpoint_dir, resume, checks = _debug_mode(rt, to_save, train_loop, evaluators, output_dir)
     sinks = _sinks(rt, output_dir, console, mlflow)
-    checkpoints = _checkpoints(rt, to_save, checkpoint_dir, output_dir, params, n_saved=n_saved,
+    checkpoints = _checkpoints(rt, checkpoint_dir, output_dir, params, seed, n_saved=n_saved,
                                keep_best=keep_best, async_save=async_checkpoint, on_error=on_checkpoint_error)
     model_dir = model_dir or (os.path.join(output_dir, "model") if output_dir else None)
-    check_writable(rt, checkpoint_dir=checkpoints.manager.url if checkpoints else None, output_dir=output_dir,
+    check_writable(rt, checkpoint_dir=checkpoints.url if checkpoints else None, output_dir=output_dir,
                    model_dir=model_dir)  # collective
     stop = StopFlag(rt.distributed, group=_host_group(rt), check_every=_positive(stop_check_every, "stop_check_every"),
                     is_main=rt.is_main)
@@ -99,13 +99,10 @@ def train(
     stop.install()
     try:
         seed_everything(seed + rt.rank)  # a fresh run's streams; a resume replaces them from the checkpoint
-        resumed = checkpoints.resume(engine, seed) if (checkpoints and resume) else False
-        run_id = rt.broadcast_object(checkpoints.manifest.get("tracking_run_id") if checkpoints else None)
-        sinks.start(RunInfo(params=params, output_dir=output_dir,
-                            resumed_step=engine.state.step if resumed else 0, run_id=run_id))
-        if resumed and engine.state.epoch >= schedule.max_epochs:
-            _say(rt, f"igniter-dist: this run already finished {engine.state.epoch} epochs "
-                     f"(--max-epochs {schedule.max_epochs}); raise --max-epochs to train further.")
+        resumed = _resume(engine) if resume else None
+        run_id = rt.broadcast_object(resumed.tracking_run_id if resumed else None)
+        sinks.start(RunInfo(params=params, output_dir=output_dir, resumed_step=resumed.step if resumed else 0,
+                            run_id=run_id))
         metrics = engine.run()
         _export(rt, to_save, model_dir, params, sinks, safetensors=model_safetensors)
         status = "FINISHED"
@@ -116,7 +113,7 @@ def train(
     finally:
         stop.restore()
         if checkpoints is not None:
-            checkpoints.manager.close()
+            checkpoints.close()
         sinks.close(status)
 
 
@@ -155,6 +152,24 @@ def evaluate(
 
 
 # ---------------------------------------------------------------- assembly
+
+
+def _resume(engine: Engine) -> Resumed | None:
+    """Collective: load the latest committed checkpoint into the run, and say so on rank 0."""
+    if engine.checkpoints is None:
+        return None
+    resumed = engine.checkpoints.resume(engine.checkpoint_state())
+    if resumed is None:
+        return None
+    rt, s, max_epochs = engine.runtime, engine.state, engine.schedule.max_epochs
+    world = "" if resumed.saved_world_size == rt.world_size else (
+        f", resharded from {resumed.saved_world_size} to {rt.world_size} ranks")
+    _say(rt, f"igniter-dist: resumed from {resumed.url} (step {s.step}, epoch {s.epoch + 1}, "
+             f"iteration {s.iteration}{world})")
+    if s.epoch >= max_epochs:
+        _say(rt, f"igniter-dist: this run already finished {s.epoch} epochs (--max-epochs {max_epochs}); "
+                 "raise --max-epochs to train further.")
+    return resumed
 
 
 def _debug_mode(rt: Runtime, to_save: Mapping[str, Any], train_loop: Loop, evaluators: dict[str, Loop],
@@ -231,14 +246,15 @@ def _sinks(rt: Runtime, output_dir: str | None, console: bool, mlflow: Any) -> S
     return build_sinks(rt, output_dir=output_dir, console=console, mlflow=mlflow)
 
 
-def _checkpoints(rt: Runtime, to_save: Mapping[str, Any], checkpoint_dir: str | None, output_dir: str | None,
-                 params: dict[str, Any], **options: Any) -> RunCheckpoints | None:
+def _checkpoints(rt: Runtime, checkpoint_dir: str | None, output_dir: str | None, params: dict[str, Any],
+                 seed: int, **options: Any) -> Checkpoints | None:
+    """Collective when `async_save`: the run's checkpoints, or None when they are off."""
     url = checkpoint_dir or (os.path.join(output_dir, "checkpoints") if output_dir else None)
     if not url or url.lower() == "none":
         return None
     from .checkpoint import CheckpointManager
 
-    return RunCheckpoints(CheckpointManager(url, rt, **options), rt, to_save, {"args": params})
+    return RunCheckpoints(CheckpointManager(url, rt, **options), rt, seed=seed, manifest={"args": params})
 
 
 def _host_group(rt: Runtime) -> Any:
