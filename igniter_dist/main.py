@@ -10,8 +10,9 @@ from typing import Any
 
 from .args import build_parser, parse_args
 from .errors import IgniterError
+from .options import from_args
 from .rng import seed_everything
-from .runtime import exit_process, init_runtime, runtime, runtime_was_distributed, shutdown_runtime
+from .runtime import RuntimeOptions, exit_process, init_runtime, runtime, runtime_was_distributed, shutdown_runtime
 from .signals import Interrupted
 from .wrapping import PrepareOptions, configure
 
@@ -34,11 +35,10 @@ def igniter_main(
     agreed_exit = False
     try:
         args = parse_args(build_parser(inputs, argparse_callback, description), argv)
-        rt = init_runtime(device=args.device, timeout_s=args.dist_timeout, deterministic=args.deterministic,
-                          debug=args.debug)
-        # what ig.prepare does where the script does not say
-        configure(PrepareOptions(find_unused_parameters=args.find_unused_parameters,
-                                 sync_batchnorm=args.sync_batchnorm, compile=args.compile))
+        settings = from_args(RuntimeOptions, args)
+        rt = init_runtime(device=settings.device, timeout_s=settings.dist_timeout,
+                          deterministic=settings.deterministic, debug=args.debug)
+        configure(from_args(PrepareOptions, args))  # what ig.prepare does where the script does not say
         rank_prefix = f"[rank {rt.rank}] " if rt.distributed else ""
         seed_everything(args.seed)  # identical model initialisation on every rank
         main(args)

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 
 from .errors import ConfigError
+from .options import Options, option
+from .values import parse_bool, positive_float
 
 EnvironmentKind = Literal["single", "torchrun", "sagemaker"]
 
@@ -73,6 +75,18 @@ class Runtime:
     def collective_device(self) -> torch.device:
         """Where tensors for the default group's collectives must live (nccl needs CUDA)."""
         return self.device if self.backend == "nccl" else torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class RuntimeOptions(Options):
+    """The flags `igniter_main` starts the runtime with."""
+
+    device: str = option("auto", group="distributed",
+                         help="auto, cpu, cuda or cuda:N; each rank binds cuda:<local_rank>.")
+    dist_timeout: float = option(1800.0, group="distributed", parse=positive_float,
+                                 help="Seconds a collective may wait before the process group fails.")
+    deterministic: bool = option(False, group="training", parse=parse_bool,
+                                 help="Use deterministic algorithms only (and set CUBLAS_WORKSPACE_CONFIG).")
 
 
 _current: Runtime | None = None

@@ -10,37 +10,38 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from torch import nn
 
 from .errors import ConfigError
+from .options import Options, option
+from .values import positive_float, positive_int
 
 if TYPE_CHECKING:
     from .engine import Engine
 
 Precision = Literal["32", "bf16-mixed", "16-mixed"]
-PRECISIONS: tuple[str, ...] = ("32", "bf16-mixed", "16-mixed")
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 
 
 @dataclass(frozen=True)
-class StepOptions:
-    """How optimizer steps are taken; each field is one flag."""
+class StepOptions(Options):
+    """How optimizer steps are taken; each field is one flag, checked once, here."""
 
-    precision: Precision = "32"
-    accumulate_grad_batches: int = 1
-    grad_clip_norm: float | None = None
-    grad_clip_value: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"--precision {self.precision!r} is not supported; use one of {', '.join(PRECISIONS)}.")
-        if self.accumulate_grad_batches < 1:
-            raise ConfigError(f"--accumulate-grad-batches must be at least 1, got {self.accumulate_grad_batches}.")
-        for flag, v in (("--grad-clip-norm", self.grad_clip_norm), ("--grad-clip-value", self.grad_clip_value)):
-            if v is not None and not v > 0:
-                raise ConfigError(f"{flag} must be a positive number, got {v}.")
+    precision: Precision = option(
+        "32", group="training", choices=PRECISIONS,
+        help="32: full precision; bf16-mixed / 16-mixed: autocast (16-mixed adds a checkpointed GradScaler).")
+    accumulate_grad_batches: int = option(
+        1, group="training", parse=positive_int,
+        help="Micro-batches per optimizer step; DDP all-reduces only on the last one "
+             "(engine.backward/optimizer_step).")
+    grad_clip_norm: float | None = option(
+        None, group="training", parse=positive_float,
+        help="Clip the total gradient norm of each optimizer step to this value.")
+    grad_clip_value: float | None = option(
+        None, group="training", parse=positive_float, help="Clip every gradient element to [-value, value].")
 
 
 class GradientStepper:
@@ -146,7 +147,8 @@ def supervised_step(model: nn.Module, criterion: Callable[..., torch.Tensor],
     return step
 
 
-def supervised_eval_step(model: nn.Module, criterion: Callable[..., torch.Tensor]) -> Callable[[Engine, Any], dict[str, Any]]:
+def supervised_eval_step(model: nn.Module,
+                         criterion: Callable[..., torch.Tensor]) -> Callable[[Engine, Any], dict[str, Any]]:
     """A ready evaluation step for `(inputs, targets)` batches: outputs, targets and loss."""
 
     def step(engine: Engine, batch: Any) -> dict[str, Any]:

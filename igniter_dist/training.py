@@ -8,113 +8,140 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping
-from typing import Any, Literal
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard
 
 import torch
 from torch import nn
 
-from . import debug
+from . import debug, sagemaker
 from .checkpoint.probe import check_writable
 from .data import shard_eval_loader, shard_train_loader
+from .debug import DebugChecks
 from .engine import Engine, Loop, check_epoch_length
 from .errors import ConfigError
 from .metrics import MetricSet
+from .options import Options, from_keywords, keywords_from, option
 from .redaction import redact
 from .resume import Checkpoints, Resumed, RunCheckpoints
 from .rng import seed_everything
 from .runtime import Runtime, runtime
 from .schedule import Every, Schedule, parse_every
 from .signals import Interrupted, StopFlag
-from .debug import DebugChecks
 from .spec import RunSpec
 from .steps import StepOptions
-from .tracking.base import RunInfo, Sink
+from .tracking.base import RunInfo, RunStatus, Sink
+from .values import parse_bool, positive_float, positive_int
+
+if TYPE_CHECKING:
+    from .tracking.factory import MlflowConfig
 
 
+@dataclass(frozen=True)
+class TrainOptions(Options):
+    """The keywords of `ig.train` besides its `StepOptions`; most are also standard flags."""
+
+    max_epochs: int | None = option(
+        None, group="training", parse=positive_int, cli_default=10,
+        help="Epochs to train; raise it on resume to extend a run.")
+    epoch_length: int | None = option(
+        None, group="training", parse=positive_int,
+        help="Iterations per epoch (default: one pass over the training loader).")
+    seed: int = option(1, group="training", parse=int, help="Seed for model init, shuffling and every rank's RNGs.")
+    eval_every: Every = option(
+        Every(1), group="training", parse=parse_every,
+        help="Evaluate every N epochs (2, 2epochs) or N iterations (500steps); 0 never.")
+    debug: bool = option(
+        False, group="training", parse=parse_bool,
+        help="A fast check of the whole script: 2 epochs of a few batches, a checkpoint round trip, "
+             "anomaly detection, replica agreement and summaries.")
+    stop_check_every: int = option(
+        10, group="distributed", parse=positive_int,
+        help="Most steps between the ranks' agreements on a stop signal (a non-blocking "
+             "all-reduce); slow steps agree more often, about every 0.25 s.")
+    checkpoint_dir: str | None = option(
+        None, group="checkpoints", cli_default=sagemaker.checkpoint_dir,
+        help="Folder or fsspec URL (s3://bucket/prefix) for checkpoints, or none (default: "
+             "<output-dir>/checkpoints; inside SageMaker /opt/ml/checkpoints or an s3:// "
+             "checkpoint-dir hyperparameter).")
+    resume: bool = option(
+        True, group="checkpoints", parse=parse_bool,
+        help="Resume from the latest committed checkpoint in --checkpoint-dir.")
+    save_every: Every = option(
+        Every(1), group="checkpoints", parse=parse_every,
+        help="Save every N epochs (1, 1epochs) or N iterations (500steps); 0 saves only at the end.")
+    n_saved: int = option(2, group="checkpoints", parse=positive_int, help="Committed checkpoints to keep.")
+    keep_best: str | None = option(
+        None, group="checkpoints",
+        help="Also keep the best checkpoint by a logged metric, as NAME:max or NAME:min (eval/accuracy:max).")
+    save_every_minutes: float | None = option(
+        None, group="checkpoints", parse=positive_float,
+        help="Also save when this many minutes passed since the last save.")
+    async_checkpoint: bool = option(
+        False, group="checkpoints", parse=parse_bool,
+        help="Write checkpoints in the background; the loop waits only for the copy off the device.")
+    on_checkpoint_error: Literal["stop", "warn"] = option(
+        "stop", group="checkpoints", choices=("stop", "warn"),
+        help="stop: end the run when a save fails; warn: keep training and retry at the next save.")
+    output_dir: str | None = option(
+        "output", group="output", cli_default=lambda: sagemaker.output_dir() or "output",
+        help="Folder for metrics history and other outputs (SM_OUTPUT_DATA_DIR inside SageMaker).")
+    model_dir: str | None = option(
+        None, group="output", cli_default=lambda: sagemaker.model_dir() or None,
+        help="Folder for the final model.pt and args.json (default: <output-dir>/model; SM_MODEL_DIR inside "
+             "SageMaker).")
+    model_safetensors: bool = option(
+        False, group="output", parse=parse_bool,
+        help="Also write the final model as model.safetensors (needs the safetensors package).")
+    log_every: int = option(
+        50, group="output", parse=positive_int, help="Compute and log training metrics every N iterations.")
+    parameters: Mapping[str, Any] | None = option(
+        None, group=None,
+        help="The run's arguments, such as vars(args): written, secrets redacted, to MLflow, args.json and "
+             "every checkpoint.")
+    mlflow: MlflowConfig | None = option(
+        None, group=None, help="MLflow settings; ig.train_kwargs builds them from the --mlflow-* flags.")
+    console: bool = option(True, group=None, parse=parse_bool, help="Print progress and metrics on rank 0.")
+
+
+@keywords_from(TrainOptions, StepOptions)
 def train(
     to_save: Mapping[str, Any],
     train_spec: RunSpec,
     eval_spec: RunSpec | Mapping[str, RunSpec] | None = None,
-    *,
-    max_epochs: int | None = None,
-    epoch_length: int | None = None,
-    seed: int = 1,
-    eval_every: Every | str | int = 1,
-    log_every: int = 50,
-    checkpoint_dir: str | None = None,
-    resume: bool = True,
-    save_every: Every | str | int = 1,
-    n_saved: int = 2,
-    keep_best: str | None = None,
-    save_every_minutes: float | None = None,
-    async_checkpoint: bool = False,
-    on_checkpoint_error: Literal["stop", "warn"] = "stop",
-    output_dir: str | None = "output",
-    model_dir: str | None = None,
-    model_safetensors: bool = False,
-    parameters: Mapping[str, Any] | None = None,
-    mlflow: Any = None,
-    console: bool = True,
-    precision: str = "32",
-    accumulate_grad_batches: int = 1,
-    grad_clip_norm: float | None = None,
-    grad_clip_value: float | None = None,
-    debug: bool = False,
-    stop_check_every: int = 10,
+    **options: Any,
 ) -> dict[str, float]:
     """Train `to_save`'s model with `train_spec`, evaluating with `eval_spec`; returns the final metrics.
 
     Collective: every rank calls it. Resumes from the latest committed checkpoint in
     `checkpoint_dir` (default `<output_dir>/checkpoints`; "none" disables checkpoints) when `resume`.
+    `ig.train_kwargs(args)` gives every keyword that has a flag.
     """
+    o, step_options = from_keywords("ig.train", options, TrainOptions, StepOptions)
     rt = runtime()
     _check_prepared(to_save, rt)
-    step_options = StepOptions(precision=precision, accumulate_grad_batches=accumulate_grad_batches,  # type: ignore[arg-type]
-                               grad_clip_norm=grad_clip_norm, grad_clip_value=grad_clip_value)
-    if max_epochs is not None:
-        train_spec.max_epochs = max_epochs
-    if epoch_length is not None:
-        train_spec.epoch_length = epoch_length
-    params = redact(dict(parameters or {}))
-    schedule = Schedule(max_epochs=train_spec.max_epochs, log_every=_positive(log_every, "log_every"),
-                        eval_every=parse_every(eval_every), save_every=parse_every(save_every),
-                        save_every_minutes=save_every_minutes)
-    train_loop = _train_loop(train_spec, rt, seed)
-    evaluators = {name: _eval_loop(name, spec, rt) for name, spec in _named(eval_spec).items()}
-    checks = None
-    if debug:
-        schedule, checkpoint_dir, resume, checks = _debug_mode(rt, to_save, train_loop, evaluators, output_dir)
-    sinks = _sinks(rt, output_dir, console, mlflow)
-    checkpoints = _checkpoints(rt, checkpoint_dir, output_dir, params, seed, n_saved=n_saved,
-                               keep_best=keep_best, async_save=async_checkpoint, on_error=on_checkpoint_error)
-    model_dir = model_dir or (os.path.join(output_dir, "model") if output_dir else None)
-    check_writable(rt, checkpoint_dir=checkpoints.url if checkpoints else None, output_dir=output_dir,
-                   model_dir=model_dir)  # collective
-    stop = StopFlag(rt.distributed, group=_host_group(rt), check_every=_positive(stop_check_every, "stop_check_every"),
-                    is_main=rt.is_main)
-    engine = Engine(runtime=rt, train=train_loop, evaluators=evaluators, schedule=schedule, to_save=to_save,
-                    sinks=sinks, checkpoints=checkpoints, stop=stop, seed=seed, step_options=step_options,
-                    debug=checks)
-    status = "FAILED"
-    stop.install()
+    params = redact(o.parameters or {})
+    engine = _assemble(rt, to_save, train_spec, eval_spec, o, step_options, params)
+    status: RunStatus = "FAILED"
+    engine.stop.install()
     try:
-        seed_everything(seed + rt.rank)  # a fresh run's streams; a resume replaces them from the checkpoint
-        resumed = _resume(engine) if resume else None
+        seed_everything(o.seed + rt.rank)  # a fresh run's streams; a resume replaces them from the checkpoint
+        resumed = _resume(engine) if o.resume and not o.debug else None  # debug mode: a fresh folder
         run_id = rt.broadcast_object(resumed.tracking_run_id if resumed else None)
-        sinks.start(RunInfo(params=params, output_dir=output_dir, resumed_step=resumed.step if resumed else 0,
-                            run_id=run_id))
+        engine.sinks.start(RunInfo(params=params, output_dir=o.output_dir,
+                                   resumed_step=resumed.step if resumed else 0, run_id=run_id))
         metrics = engine.run()
-        _export(rt, to_save, model_dir, params, sinks, safetensors=model_safetensors)
+        _export(rt, to_save, o, params, engine.sinks)
         status = "FINISHED"
         return metrics
     except Interrupted:
         status = "KILLED"
         raise
     finally:
-        stop.restore()
-        if checkpoints is not None:
-            checkpoints.close()
-        sinks.close(status)
+        engine.stop.restore()
+        if engine.checkpoints is not None:
+            engine.checkpoints.close()
+        engine.sinks.close(status)
 
 
 def evaluate(
@@ -136,7 +163,8 @@ def evaluate(
         manager = CheckpointManager(checkpoint_dir, rt)
         chosen = step if step is not None else manager.latest()
         if chosen is None:
-            raise ConfigError(f"No committed checkpoint in {checkpoint_dir}; train first or pass another --checkpoint-dir.")
+            raise ConfigError(f"No committed checkpoint in {checkpoint_dir}; train first or pass another "
+                              "--checkpoint-dir.")
         manager.load(chosen, dict(to_save))
         manager.close()
     evaluators = {name: _eval_loop(name, spec, rt) for name, spec in _named(eval_spec).items()}
@@ -152,6 +180,30 @@ def evaluate(
 
 
 # ---------------------------------------------------------------- assembly
+
+
+def _assemble(rt: Runtime, to_save: Mapping[str, Any], train_spec: RunSpec,
+              eval_spec: RunSpec | Mapping[str, RunSpec] | None, o: TrainOptions, step_options: StepOptions,
+              params: dict[str, Any]) -> Engine:
+    """Collective: the engine and its collaborators (sharded loops, schedule, sinks, checkpoints, stop flag)."""
+    spec = replace(train_spec,  # a copy: the user's RunSpec stays as given
+                   max_epochs=train_spec.max_epochs if o.max_epochs is None else o.max_epochs,
+                   epoch_length=train_spec.epoch_length if o.epoch_length is None else o.epoch_length)
+    train_loop = _train_loop(spec, rt, o.seed)
+    evaluators = {name: _eval_loop(name, s, rt) for name, s in _named(eval_spec).items()}
+    schedule = Schedule(max_epochs=spec.max_epochs, log_every=o.log_every, eval_every=o.eval_every,
+                        save_every=o.save_every, save_every_minutes=o.save_every_minutes)
+    checkpoint_dir, checks = o.checkpoint_dir, None
+    if o.debug:
+        schedule, checkpoint_dir, checks = _debug_mode(rt, to_save, train_loop, evaluators, o.output_dir)
+    sinks = _sinks(rt, o.output_dir, o.console, o.mlflow)
+    checkpoints = _checkpoints(rt, checkpoint_dir, o, params)
+    check_writable(rt, checkpoint_dir=checkpoints.url if checkpoints else None, output_dir=o.output_dir,
+                   model_dir=_model_dir(o))  # collective: before the first step, not at the first save
+    stop = StopFlag(rt.distributed, group=_host_group(rt), check_every=o.stop_check_every, is_main=rt.is_main)
+    return Engine(runtime=rt, train=train_loop, evaluators=evaluators, schedule=schedule, to_save=to_save,
+                  sinks=sinks, checkpoints=checkpoints, stop=stop, seed=o.seed, step_options=step_options,
+                  debug=checks)
 
 
 def _resume(engine: Engine) -> Resumed | None:
@@ -173,7 +225,7 @@ def _resume(engine: Engine) -> Resumed | None:
 
 
 def _debug_mode(rt: Runtime, to_save: Mapping[str, Any], train_loop: Loop, evaluators: dict[str, Loop],
-                output_dir: str | None) -> tuple[Schedule, str, bool, DebugChecks]:
+                output_dir: str | None) -> tuple[Schedule, str, DebugChecks]:
     """Shrink the run to a few batches and two epochs, in a fresh checkpoint folder, with anomaly detection."""
     train_loop.epoch_length = min(train_loop.epoch_length or debug.TRAIN_BATCHES, debug.TRAIN_BATCHES)
     for loop in evaluators.values():
@@ -184,7 +236,7 @@ def _debug_mode(rt: Runtime, to_save: Mapping[str, Any], train_loop: Loop, evalu
     if rt.is_main:
         print(debug.summaries(rt, to_save, train_loop, evaluators), file=sys.stderr, flush=True)
     schedule = Schedule(max_epochs=debug.EPOCHS, log_every=1, eval_every=Every(1), save_every=Every(1))
-    return schedule, folder, False, debug.DebugChecks(rt)
+    return schedule, folder, debug.DebugChecks(rt)
 
 
 def _check_prepared(to_save: Mapping[str, Any], rt: Runtime) -> None:
@@ -214,7 +266,8 @@ def _named(eval_spec: RunSpec | Mapping[str, RunSpec] | None) -> dict[str, RunSp
         return {"eval": eval_spec}
     if isinstance(eval_spec, Mapping) and all(isinstance(v, RunSpec) for v in eval_spec.values()):
         if "train" in eval_spec:
-            raise ConfigError("An evaluator may not be named 'train' (its metrics would mix with training's); rename it.")
+            raise ConfigError("An evaluator may not be named 'train' (its metrics would mix with training's); "
+                              "rename it.")
         return dict(eval_spec)
     raise ConfigError(f"eval_spec must be a RunSpec or a dict of name -> RunSpec, got {type(eval_spec).__name__}.")
 
@@ -230,31 +283,27 @@ def _eval_loop(name: str, spec: RunSpec, rt: Runtime) -> Loop:
     return Loop(name, spec, loader, MetricSet(spec.metrics, rt.device, rt.distributed), None)
 
 
-def _is_loader(obj: Any) -> bool:
+def _is_loader(obj: Any) -> TypeGuard[torch.utils.data.DataLoader[Any]]:
     return isinstance(obj, torch.utils.data.DataLoader)
 
 
-def _positive(value: int, name: str) -> int:
-    if int(value) < 1:
-        raise ConfigError(f"{name} must be a positive number of iterations, got {value}.")
-    return int(value)
-
-
-def _sinks(rt: Runtime, output_dir: str | None, console: bool, mlflow: Any) -> Sink:
+def _sinks(rt: Runtime, output_dir: str | None, console: bool, mlflow: MlflowConfig | None) -> Sink:
     from .tracking.factory import build_sinks
 
     return build_sinks(rt, output_dir=output_dir, console=console, mlflow=mlflow)
 
 
-def _checkpoints(rt: Runtime, checkpoint_dir: str | None, output_dir: str | None, params: dict[str, Any],
-                 seed: int, **options: Any) -> Checkpoints | None:
-    """Collective when `async_save`: the run's checkpoints, or None when they are off."""
-    url = checkpoint_dir or (os.path.join(output_dir, "checkpoints") if output_dir else None)
+def _checkpoints(rt: Runtime, checkpoint_dir: str | None, o: TrainOptions,
+                 params: dict[str, Any]) -> Checkpoints | None:
+    """Collective when `--async-checkpoint`: the run's checkpoints, or None when they are off."""
+    url = checkpoint_dir or (os.path.join(o.output_dir, "checkpoints") if o.output_dir else None)
     if not url or url.lower() == "none":
         return None
     from .checkpoint import CheckpointManager
 
-    return RunCheckpoints(CheckpointManager(url, rt, **options), rt, seed=seed, manifest={"args": params})
+    manager = CheckpointManager(url, rt, n_saved=o.n_saved, keep_best=o.keep_best, async_save=o.async_checkpoint,
+                                on_error=o.on_checkpoint_error)
+    return RunCheckpoints(manager, rt, seed=o.seed, manifest={"args": params})
 
 
 def _host_group(rt: Runtime) -> Any:
@@ -269,9 +318,9 @@ def _say(rt: Runtime, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def _export(rt: Runtime, to_save: Mapping[str, Any], model_dir: str | None, params: dict[str, Any], sinks: Sink,
-            safetensors: bool = False) -> None:
+def _export(rt: Runtime, to_save: Mapping[str, Any], o: TrainOptions, params: dict[str, Any], sinks: Sink) -> None:
     """Rank 0 writes the consolidated model and the redacted arguments to the model dir."""
+    model_dir = _model_dir(o)
     if not rt.is_main or not model_dir:
         return
     from .checkpoint.export import model_state, write_state
@@ -280,7 +329,7 @@ def _export(rt: Runtime, to_save: Mapping[str, Any], model_dir: str | None, para
     os.makedirs(model_dir, exist_ok=True)
     if model is not None:
         state = model_state(model)  # copied off the device once for every format
-        for name in ["model.pt", "model.safetensors"] if safetensors else ["model.pt"]:
+        for name in ["model.pt", "model.safetensors"] if o.model_safetensors else ["model.pt"]:
             path = os.path.join(model_dir, name)
             write_state(state, path)
             sinks.log_artifact(path)
@@ -288,3 +337,7 @@ def _export(rt: Runtime, to_save: Mapping[str, Any], model_dir: str | None, para
     with open(args_path, "w") as f:
         json.dump(params, f, indent=2, sort_keys=True, default=str)
     sinks.log_artifact(args_path)
+
+
+def _model_dir(o: TrainOptions) -> str | None:
+    return o.model_dir or (os.path.join(o.output_dir, "model") if o.output_dir else None)

@@ -13,16 +13,22 @@ from typing import cast
 import torch
 from torch import nn
 
+from .options import Options, option
 from .runtime import Runtime, runtime
+from .values import parse_bool
 
 
 @dataclass(frozen=True)
-class PrepareOptions:
-    """How `prepare` wraps models when the script does not say (the flags of the same names)."""
+class PrepareOptions(Options):
+    """How `prepare` wraps models when the script does not say."""
 
-    find_unused_parameters: bool = False
-    sync_batchnorm: bool = False
-    compile: bool = False
+    find_unused_parameters: bool = option(
+        False, group="distributed", parse=parse_bool,
+        help="Let DDP handle parameters that get no gradient in a step (slower).")
+    sync_batchnorm: bool = option(
+        False, group="distributed", parse=parse_bool,
+        help="Convert BatchNorm layers to SyncBatchNorm when distributed.")
+    compile: bool = option(False, group="training", parse=parse_bool, help="torch.compile the model in ig.prepare.")
 
 
 _options = PrepareOptions()

@@ -2,6 +2,6 @@
 
 from .base import NullSink, RunInfo, Sink, Sinks
 from .factory import MlflowConfig, build_sinks
-from .flags import add_mlflow_flags
+from .flags import MlflowFlags
 
-__all__ = ["MlflowConfig", "NullSink", "RunInfo", "Sink", "Sinks", "add_mlflow_flags", "build_sinks"]
+__all__ = ["MlflowConfig", "MlflowFlags", "NullSink", "RunInfo", "Sink", "Sinks", "build_sinks"]

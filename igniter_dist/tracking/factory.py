@@ -28,7 +28,7 @@ class MlflowConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> MlflowConfig:
-        """Read the flags `add_mlflow_flags` added; a namespace without them gives a disabled config.
+        """Read the `MlflowFlags` flags; a namespace without them gives a disabled config.
 
         `--mlflow-enable` left unset follows `--mlflow-tracking-uri`: a URI turns MLflow on. An explicit
         `--mlflow-enable false` turns it off whatever else is set.
