@@ -1,7 +1,7 @@
 """Secret hygiene: parameters whose names look secret are replaced before anything writes them.
 
-`ig.train` redacts its `parameters` where they enter; MLflow, args.json and checkpoint manifests
-are written from the redacted copy.
+Redaction happens once, where parameters enter (`ig.train`'s `parameters`, a sink's `RunInfo`);
+its result is a `Redacted` dict, which MLflow, args.json and checkpoint manifests receive as is.
 """
 
 from __future__ import annotations
@@ -19,9 +19,15 @@ def is_secret(name: str) -> bool:
     return any(w in n for w in SECRET_WORDS)
 
 
-def redact(params: Mapping[str, Any]) -> dict[str, Any]:
+class Redacted(dict[str, Any]):
+    """Parameters whose secret-looking values are replaced; only `redact` makes one, so holding one proves it."""
+
+
+def redact(params: Mapping[str, Any]) -> Redacted:
     """A JSON-ready copy of `params` with secret-looking values replaced, safe to write anywhere."""
-    return {k: (REDACTED if is_secret(k) and v not in (None, "") else _plain(v)) for k, v in params.items()}
+    if isinstance(params, Redacted):
+        return params  # redacted where it entered
+    return Redacted({k: (REDACTED if is_secret(k) and v not in (None, "") else _plain(v)) for k, v in params.items()})
 
 
 def _plain(value: Any) -> Any:

@@ -6,6 +6,7 @@ from igniter_dist.args import build_parser, parse_args, train_kwargs
 from igniter_dist.errors import ConfigError
 from igniter_dist.redaction import redact
 from igniter_dist.schedule import Every, parse_every
+from igniter_dist.tracking.base import RunInfo
 from igniter_dist.values import parse_bool
 
 
@@ -63,3 +64,9 @@ def test_secret_looking_parameters_are_redacted():
                   "learning_rate": 0.1, "empty_key": None})
     assert out == {"api_token": "***", "mlflow_tracking_password": "***", "aws_secret_access_key": "***",
                    "learning_rate": 0.1, "empty_key": None}
+
+
+def test_redaction_happens_once_where_parameters_enter():
+    once = redact({"api_token": "abc", "lr": 0.1})
+    assert redact(once) is once and RunInfo(params=once).params is once  # ig.train's params reach sinks as is
+    assert RunInfo(params={"api_token": "abc", "lr": 0.1}).params == {"api_token": "***", "lr": 0.1}

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
+
+from ..redaction import redact
 
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 
 
 @dataclass(frozen=True)
 class RunInfo:
-    """What a sink learns once, at start. `params` are already redacted."""
+    """What a sink learns once, at start. `params` are redacted here, unless `redact` made them already."""
 
-    params: dict[str, Any] = field(default_factory=dict)
+    params: Mapping[str, Any] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     output_dir: str | None = None
     resumed_step: int = 0
     run_id: str | None = None  # a tracking run to continue (from a checkpoint), if any
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "params", redact(self.params))
 
 
 @dataclass(slots=True)  # built every step: a plain slotted class is the cheapest to create

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..redaction import redact
 from .base import Progress, RunInfo, RunStatus
 
 log = logging.getLogger(__name__)
@@ -174,8 +173,7 @@ class FileSink:
 
     def _start(self, info: RunInfo) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        params = redact(info.params)  # already redacted by the caller; a second pass costs nothing
-        _write_atomic(self.args_path, lambda f: json.dump(params, f, indent=2, sort_keys=True, default=str))
+        _write_atomic(self.args_path, lambda f: json.dump(info.params, f, indent=2, sort_keys=True, default=str))
         if self._keep_until is not None:
             self._drop_records_after(self._keep_until)
         self._jsonl = open(self.jsonl_path, "a")

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..redaction import REDACTED, is_secret
 from .base import Progress, RunInfo, RunStatus
 from .sender import Sender, one_line
 
@@ -226,11 +225,11 @@ class MlflowRun:
             return str(exp.experiment_id)
 
     def _new_params(self, existing: dict[str, str]) -> dict[str, str]:
-        """This run's params not yet in MLflow, secrets redacted, values cut to MLflow's limit."""
+        """This run's params (redacted by RunInfo) not yet in MLflow, values cut to MLflow's limit."""
         params, changed = {}, []
         for name, value in self.info.params.items():
             key = _key(name)
-            text = REDACTED if is_secret(name) and value not in (None, "") else _cut(value, MAX_PARAM_LENGTH)
+            text = _cut(value, MAX_PARAM_LENGTH)
             if key not in existing:
                 params[key] = text
             elif existing[key] != text:
