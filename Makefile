@@ -26,7 +26,7 @@ lint: venv
 	for d in benchmarks/checkpoint benchmarks/metrics "benchmarks/overhead benchmarks/harness.py benchmarks/run_all.py"; do \
 		MYPYPATH=benchmarks:benchmarks/overhead $(VENV)/bin/mypy $$d || exit 1; done
 
-test: venv
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 docs: venv

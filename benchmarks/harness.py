@@ -114,7 +114,7 @@ def timed_loader_next(clock: StepClock) -> Iterator[None]:
         finally:
             clock.data(t0, time.perf_counter() - t0)
 
-    cls.__next__ = __next__  # type: ignore[method-assign]
+    cls.__next__ = __next__  # type: ignore[method-assign]  # timing wraps the method for the run
     try:
         yield
     finally:
@@ -149,7 +149,7 @@ def timed_collectives(clock: StepClock) -> Iterator[None]:
     wait = dist.Work.wait
     for name, fn in originals.items():
         setattr(dist, name, timed(fn))
-    dist.Work.wait = timed(wait)  # type: ignore[method-assign]
+    dist.Work.wait = timed(wait)  # type: ignore[method-assign]  # timing wraps the method for the run
     try:
         yield
     finally:

@@ -166,7 +166,7 @@ def test_settings_are_validated_with_one_sentence():
     with pytest.raises(ConfigError, match="--n-saved must be a positive integer"):
         CheckpointManager("unused", Runtime(), n_saved=0)
     with pytest.raises(ConfigError, match="--on-checkpoint-error must be stop or warn"):
-        CheckpointManager("unused", Runtime(), on_error="ignore")  # type: ignore[arg-type]
+        CheckpointManager("unused", Runtime(), on_error="ignore")  # type: ignore[arg-type]  # the wrong value is the test
     model = nn.Linear(2, 2)
     with pytest.raises(ConfigError, match="trains parameters of no single nn.Module"):
         save("unused", 1, {"optimizer": torch.optim.SGD(model.parameters(), lr=0.1)})

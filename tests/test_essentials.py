@@ -103,7 +103,7 @@ def test_clip_value_bounds_every_element():
 
 def test_bad_step_options_are_refused():
     with pytest.raises(ConfigError, match="--precision 'fp8'"):
-        StepOptions(precision="fp8")  # type: ignore[arg-type]
+        StepOptions(precision="fp8")  # type: ignore[arg-type]  # the wrong value is the test
     with pytest.raises(ConfigError, match="--accumulate-grad-batches"):
         StepOptions(accumulate_grad_batches=0)
 

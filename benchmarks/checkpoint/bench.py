@@ -22,8 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
-import emergency  # noqa: E402
-from harness import OUT, machine, markdown_table, run_logged, torchrun_cmd, write_json  # noqa: E402
+import emergency
+from harness import OUT, machine, markdown_table, run_logged, torchrun_cmd, write_json
 
 WORKER = Path(__file__).resolve().parent / "worker.py"
 SCRATCH = OUT / "scratch" / "checkpoint"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness import ROOT, child_env, torchrun_cmd  # noqa: E402
+from harness import ROOT, child_env, torchrun_cmd
 
 DIGITS = ROOT / "examples" / "digits" / "train.py"
 SIGNAL_AFTER_STEP = 10  # SIGTERM goes out once rank 0 has logged this step

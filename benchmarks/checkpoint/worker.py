@@ -20,14 +20,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from harness import write_json  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+import torch.distributed as dist
+from harness import write_json
+from torch import nn
 
-from igniter_dist.checkpoint import CheckpointManager  # noqa: E402
-from igniter_dist.runtime import init_runtime, shutdown_runtime  # noqa: E402
-from igniter_dist.wrapping import prepare, unwrap  # noqa: E402
+from igniter_dist.checkpoint import CheckpointManager
+from igniter_dist.runtime import init_runtime, shutdown_runtime
+from igniter_dist.wrapping import prepare, unwrap
 
 LAYERS = 4
 
