@@ -1,0 +1,264 @@
+"""FSDP2 jobs for the sharding tests: the same small model trained under fsdp and DDP side by side.
+
+`train` (2 ranks): trains the model under fsdp and under DDP on the same batches with clipping,
+saves both with DCP (`get_state_dict`), loads each into the other strategy, checks accumulation,
+meta-device init, mixed precision, activation checkpointing with CPU offload, and exports the full
+state dict to rank 0. `load` (any world size): loads both checkpoints under fsdp and DDP.
+`hsdp` (2 nodes x 2 ranks): the same training under hsdp and DDP.
+Every rank writes `rank<r>.json`; rank 0 writes the full (gathered) tensors as `.pt` files for the test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.tensor import DTensor
+
+from igniter_dist.parallel.fsdp import ShardingOptions, shard
+from igniter_dist.runtime import Runtime, exit_process, init_runtime, shutdown_runtime
+
+D_IN, WIDTH, N_OUT, DEPTH = 6, 10, 3, 3  # 10 and 3 rows split unevenly over 3 ranks
+STEPS, CLIP, LR = 4, 0.05, 1e-2
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+class Block(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.tanh(self.fc(self.norm(x)))
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(D_IN, WIDTH)
+        self.blocks = nn.ModuleList([Block(WIDTH) for _ in range(DEPTH)])
+        self.head = nn.Linear(WIDTH, N_OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def scaled_init(module: nn.Module) -> None:
+    """A user `init=`: small normal weights, zero biases, LayerNorm at identity."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def batch(step: int, rank: int, world: int, per_rank: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's rows of the global batch of `step` (the same global batch at any world size)."""
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(per_rank * world, D_IN, generator=g)
+    y = torch.randint(0, N_OUT, (per_rank * world,), generator=g)
+    return x[rank::world], y[rank::world]
+
+
+def build(rt: Runtime, strategy: str, seed: int = 0, **options: Any) -> nn.Module:
+    torch.manual_seed(seed)
+    model = Net()
+    if strategy == "ddp":
+        return nn.parallel.DistributedDataParallel(model) if rt.distributed else model
+    return shard(model, rt, strategy, ShardingOptions(**options))  # type: ignore[arg-type]
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local_numel(t: torch.Tensor) -> int:
+    return t.to_local().numel() if isinstance(t, DTensor) else t.numel()
+
+
+def train(model: nn.Module, rt: Runtime, steps: int = STEPS, scaler: Any = None) -> tuple[Any, dict[str, list]]:
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    log: dict[str, list] = {"loss": [], "norm": [], "output_dtype": []}
+    for step in range(steps):
+        x, y = batch(step, rt.rank, rt.world_size)
+        out = model(x)
+        log["output_dtype"].append(str(out.dtype))
+        loss = F.cross_entropy(out, y)
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad()
+        log["loss"].append(loss.item())
+        log["norm"].append(full(norm).item())
+    return optimizer, log
+
+
+def full_state(model: nn.Module, optimizer: Any) -> dict[str, Any]:
+    """Collective: the whole model and optimizer state, on rank 0 (empty elsewhere)."""
+    msd, osd = get_state_dict(model, optimizer, options=FULL)
+    return {"model": msd, "optim": osd}
+
+
+def save(model: nn.Module, optimizer: Any, folder: Path) -> None:
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(folder))
+
+
+def load(model: nn.Module, optimizer: Any, folder: Path) -> None:
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def loaded(rt: Runtime, strategy: str, folder: Path) -> dict[str, Any]:
+    """Collective: a fresh model (other weights) and optimizer of `strategy`, loaded from `folder`."""
+    model = build(rt, strategy, seed=123)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    load(model, optimizer, folder)
+    return full_state(model, optimizer)
+
+
+def shares(model: nn.Module, optimizer: Any) -> dict[str, int]:
+    params = list(model.parameters())
+    moments = [v for p in params for k, v in optimizer.state[p].items() if k in ("exp_avg", "exp_avg_sq")]
+    return {"params_local": sum(local_numel(p) for p in params), "params_total": sum(p.numel() for p in params),
+            "adam_local": sum(local_numel(v) for v in moments), "adam_total": sum(v.numel() for v in moments)}
+
+
+def accumulation(rt: Runtime) -> dict[str, Any]:
+    """Two micro-batches without gradient sync before the last, against one step on the whole batch."""
+    micro, whole = build(rt, "fsdp"), build(rt, "fsdp")
+    x, y = batch(0, rt.rank, rt.world_size)
+    micro.set_requires_gradient_sync(False)  # type: ignore[operator]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        (F.cross_entropy(micro(x[:4]), y[:4]) / 2).backward()
+    before_last = [e.name for e in prof.events() if "reduce_scatter" in e.name]
+    grads_before_last = sum(p.grad is not None for p in micro.parameters())
+    micro.set_requires_gradient_sync(True)  # type: ignore[operator]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        (F.cross_entropy(micro(x[4:]), y[4:]) / 2).backward()
+    at_last = [e.name for e in prof.events() if "reduce_scatter" in e.name]
+    F.cross_entropy(whole(x), y).backward()
+    grads = {"micro": {n: full(p.grad) for n, p in micro.named_parameters()},
+             "whole": {n: full(p.grad) for n, p in whole.named_parameters()}}
+    return {"grads": grads, "reduce_scatters_before_last": len(before_last), "reduce_scatters_at_last": len(at_last),
+            "grads_before_last": grads_before_last}
+
+
+def meta_init(rt: Runtime) -> dict[str, Any]:
+    """Meta-built models materialised sharded, next to the same models built eagerly with the same seed."""
+    out: dict[str, Any] = {}
+    for name, init in (("reset", None), ("init", scaled_init)):
+        torch.manual_seed(7)
+        with torch.device("meta"):
+            model = Net()
+        shard(model, rt, "fsdp", ShardingOptions(init=init))
+        out[f"{name}_meta"] = get_model_state_dict(model, options=FULL)
+        out[f"{name}_local_devices"] = sorted({str(p.to_local().device) if isinstance(p, DTensor) else str(p.device)
+                                                for p in model.parameters()})
+        torch.manual_seed(7)
+        eager = Net()
+        if init is not None:
+            torch.manual_seed(7)
+            for m in eager.modules():
+                init(m)
+        out[f"{name}_eager"] = eager.state_dict()
+    return out
+
+
+def mixed_precision(rt: Runtime) -> dict[str, Any]:
+    """One bf16-mixed and one 16-mixed run: dtypes seen inside the forward, losses, final weights."""
+    out: dict[str, Any] = {}
+    for precision in ("bf16-mixed", "16-mixed"):
+        model = build(rt, "fsdp", precision=precision)
+        seen: list[str] = []
+        model.blocks[0].fc.register_forward_pre_hook(lambda m, args, seen=seen: seen.append(str(m.weight.dtype)))
+        scaler = torch.amp.GradScaler("cpu") if precision == "16-mixed" else None
+        optimizer, log = train(model, rt, scaler=scaler)
+        out[precision] = {"compute_dtype": seen[0], "output_dtype": log["output_dtype"][0], "loss": log["loss"],
+                          "param_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+                          "scale": scaler.get_scale() if scaler else None,
+                          "state": full_state(model, optimizer)["model"]}
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=["train", "load", "hsdp"])
+    p.add_argument("--dir", required=True, type=Path)
+    args = p.parse_args()
+    rt = init_runtime("cpu")
+    result: dict[str, Any] = {"world_size": rt.world_size}
+    tensors: dict[str, Any] = {}
+    try:
+        if args.mode == "train":
+            for strategy in ("fsdp", "ddp"):
+                model = build(rt, strategy)
+                optimizer, result[strategy] = train(model, rt)
+                result[strategy].update(shares(model, optimizer))
+                tensors[strategy] = full_state(model, optimizer)
+                save(model, optimizer, args.dir / f"{strategy}_ckpt")
+            tensors["fsdp_from_ddp"] = loaded(rt, "fsdp", args.dir / "ddp_ckpt")
+            tensors["ddp_from_fsdp"] = loaded(rt, "ddp", args.dir / "fsdp_ckpt")
+            tensors["fsdp_from_fsdp"] = loaded(rt, "fsdp", args.dir / "fsdp_ckpt")
+            acc = accumulation(rt)
+            tensors["accumulation"] = acc.pop("grads")
+            result["accumulation"] = acc
+            tensors["meta"] = meta_init(rt)
+            tensors["precision"] = mixed_precision(rt)
+            model = build(rt, "fsdp", activation_checkpointing=True, cpu_offload=True)
+            optimizer, result["ac_offload"] = train(model, rt)
+            result["ac_offload"]["param_names"] = [n for n, _ in model.named_parameters()]
+            tensors["ac_offload"] = full_state(model, optimizer)
+            export = get_model_state_dict(model, options=FULL)  # collective: every rank
+            if rt.is_main:
+                torch.save(export, args.dir / "model.pt")
+        elif args.mode == "load":
+            for strategy in ("fsdp", "ddp"):
+                for source in ("fsdp", "ddp"):
+                    tensors[f"{strategy}_from_{source}"] = loaded(rt, strategy, args.dir / f"{source}_ckpt")
+            tensors["meta"] = meta_init(rt)
+        else:
+            for strategy in ("hsdp", "ddp"):
+                model = build(rt, strategy)
+                optimizer, result[strategy] = train(model, rt)
+                result[strategy].update(shares(model, optimizer))
+                if strategy == "hsdp":
+                    result["placements"] = sorted({str(p.placements) for p in model.parameters()})
+                    shard_of_mine = {n: p.to_local().clone() for n, p in model.named_parameters()}
+                    torch.save(shard_of_mine, args.dir / f"hsdp_shard_rank{rt.rank}.pt")
+                tensors[strategy] = full_state(model, optimizer)
+        if rt.is_main:
+            torch.save(tensors, args.dir / f"{args.mode}_rank0.pt")
+        (args.dir / f"{args.mode}_rank{rt.rank}.json").write_text(json.dumps(result))
+        return 0
+    finally:
+        shutdown_runtime()
+
+
+if __name__ == "__main__":
+    exit_process(main(), distributed=True)
