@@ -4,16 +4,18 @@ The loop waits only for this copy, so it copies as little as it can: under DDP e
 the same model and optimizer tensors, and DCP writes each replicated tensor from one rank only,
 so each rank stages just the tensors it will write. Who writes what is decided here, from the
 tensors' paths, shapes and dtypes, identically on every rank; the ranks first agree that these
-are the same everywhere (`fingerprint`), and stage everything when they are not. Copies go into
-buffers kept from the previous save, so a save does not fault in fresh memory.
+are the same everywhere (`fingerprint`), and stage everything when they are not. A sharded
+tensor (a DTensor, under fsdp or hsdp) is this rank's own shard: every rank stages its own. Copies
+go into buffers kept from the previous save, so a save does not fault in fresh memory.
 """
 
 from __future__ import annotations
 
 import zlib
-from typing import Any
+from typing import Any, cast
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from .state import PER_RANK_PREFIX
 
@@ -24,10 +26,13 @@ def shared_tensors(sd: dict[str, Any]) -> dict[Path, torch.Tensor]:
     """The tensors of `sd` that every rank holds (not per-rank state), by their path of dict keys.
 
     Tensors inside lists or tuples are left out: every rank stages those (DCP still writes each once).
+    So are DTensors: their shape is the whole tensor's on every rank, but each rank holds its own shard.
     """
     found: dict[Path, torch.Tensor] = {}
 
     def walk(value: Any, path: Path) -> None:
+        if isinstance(value, DTensor):
+            return
         if isinstance(value, torch.Tensor):
             found[path] = value
         elif isinstance(value, dict):
@@ -73,6 +78,8 @@ class Stager:
 
         def copy(value: Any, path: Path, in_dict: bool) -> Any:
             nonlocal copies_from_device
+            if isinstance(value, DTensor):
+                return copy_shard(value, path if in_dict else (*path, "#"))
             if isinstance(value, torch.Tensor):
                 key = path if in_dict else (*path, "#")
                 buf = self._buffers.get(key)
@@ -90,6 +97,21 @@ class Stager:
                 items = [copy(v, (*path, i), False) for i, v in enumerate(value)]
                 return items if isinstance(value, list) else tuple(items)
             return value
+
+        def copy_shard(value: DTensor, key: Path) -> DTensor:
+            """This rank's shard, staged as a DTensor of the same mesh and placements with a CPU shard."""
+            nonlocal copies_from_device
+            local = value.to_local().detach()
+            buf = self._buffers.get(key)
+            if (not isinstance(buf, DTensor) or buf.shape != value.shape or buf.dtype != value.dtype
+                    or buf.placements != value.placements or buf.to_local().shape != local.shape):
+                # DCP reads the shard's place in the whole tensor from the staged DTensor's mesh and placements.
+                buf = cast(DTensor, value.detach().to("cpu", copy=True))
+            else:
+                buf.to_local().copy_(local, non_blocking=local.is_cuda)
+            copies_from_device |= local.is_cuda
+            used[key] = buf
+            return buf
 
         staged = {name: copy(value, (name,), True) for name, value in sd.items() if (name,) not in skip}
         if copies_from_device:
