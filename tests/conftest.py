@@ -8,6 +8,8 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+# Tests that share a worker's model import the worker as a module, by the name mypy gives it too.
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
 
 # Each plugin module owns one real server (moto S3, mlflow) or one family of fixtures.
 pytest_plugins = [name for name in ("fixtures_s3", "fixtures_mlflow")

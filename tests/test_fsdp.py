@@ -11,11 +11,13 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import fsdp_worker as worker
 import pytest
 import torch
-from workers import fsdp_worker as worker
 
 import launch
+from igniter_dist.checkpoint import CheckpointManager
+from igniter_dist.cli import main as cli_main
 from igniter_dist.runtime import Runtime
 
 WORKER = Path(__file__).parent / "workers" / "fsdp_worker.py"
@@ -131,6 +133,33 @@ def test_checkpoints_load_bitwise_across_strategies_and_world_sizes(trained, loa
 def test_two_rank_fsdp_checkpoint_reloads_under_fsdp(trained):
     _, _, tensors = trained
     assert_same(tensors["fsdp_from_fsdp"], tensors["fsdp"])
+
+
+def test_checkpoint_manager_saves_shards_synchronously_and_in_the_background(trained, tmp_path):
+    """Async staging copies each rank's own shard (DTensors are not replicas), so both saves hold the whole
+    model; they load back on 2 ranks and on one process, and the CLI exports one without launching ranks."""
+    folder, _, tensors = trained
+    saved = tensors["manager"]["saved"]
+    for mode in ("sync", "async"):
+        assert_same(tensors["manager"][mode], saved, mode)
+        model = worker.Net()
+        optimizer = torch.optim.Adam(model.parameters(), lr=worker.LR)
+        CheckpointManager(str(folder / "manager" / mode), Runtime()).load(2, {"model": model, "optimizer": optimizer})
+        assert_same(model.state_dict(), saved["model"], f"{mode} on one process")
+    out = tmp_path / "model.pt"
+    assert cli_main(["checkpoints", "export", str(folder / "manager" / "async"), "--to", str(out)]) == 0
+    assert_same(torch.load(out, weights_only=True), saved["model"])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_uneven_evaluation_shards_run_in_lockstep_and_count_every_sample_once(trained, loaded_on_3, world):
+    ranks = trained[1] if world == 2 else outputs(trained[0], "load", 3)[0]
+    for case, size in (("uneven", 5), ("unsized", 5), ("empty_rank", 1)):
+        runs = [r["evaluation"][case] for r in ranks]
+        assert len({r["shard"] for r in runs}) > 1, case  # the shards really differ
+        assert {r["forwards"] for r in runs} == {max(r["shard"] for r in runs)}, case
+        assert sorted(i for r in runs for i in r["counted"]) == list(range(size)), case
+    assert all(r["evaluation"]["sharded_after"] for r in ranks)
 
 
 def test_meta_device_model_materialises_sharded_as_the_eager_model(trained, loaded_on_3):

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fsdp_worker import Block, Net
 from torch import nn
-from workers.fsdp_worker import Block, Net
 
 from igniter_dist.errors import ConfigError
 from igniter_dist.parallel.fsdp import ShardingOptions, checkpoint_units, parse_wrap, shard
@@ -78,7 +78,7 @@ def test_activation_checkpointing_wraps_the_outermost_units_and_keeps_state_dict
     wrapped = checkpoint_units(model, units)
     assert [type(b).__name__ for b in model.blocks] == ["CheckpointWrapper"] * 3
     assert type(model.inp).__name__ == type(model.head).__name__ == "CheckpointWrapper"
-    inner = model.blocks[0]._checkpoint_wrapped_module.fc
+    inner = model.blocks[0]._checkpoint_wrapped_module.fc  # type: ignore[union-attr]
     assert type(inner) is nn.Linear and inner in wrapped  # sharded on its own, checkpointed with its block
     assert sum(type(u).__name__ == "CheckpointWrapper" for u in wrapped) == 5
     assert list(model.state_dict()) == keys
@@ -117,9 +117,13 @@ def test_a_meta_model_without_reset_parameters_needs_init():
     assert str(e.value) == ("The model was built on the meta device but Scale has parameters or buffers and no "
                             "reset_parameters(); pass ig.prepare(model, init=fn) with fn(module) initialising a "
                             "module's own tensors.")
-    model = shard(model, Runtime(), "fsdp", ShardingOptions(init=lambda m: [p.data.fill_(0.5) for p in
-                                                                           m.parameters(recurse=False)]))
-    assert all(torch.equal(p, torch.full_like(p, 0.5)) for p in model.parameters())
+
+    def halves(module: nn.Module) -> None:
+        for p in module.parameters(recurse=False):
+            p.fill_(0.5)
+
+    materialised = shard(model, Runtime(), "fsdp", ShardingOptions(init=halves))
+    assert all(torch.equal(p, torch.full_like(p, 0.5)) for p in materialised.parameters())
 
 
 def test_one_process_is_left_unsharded_on_the_device():

@@ -1,9 +1,10 @@
 """FSDP2 jobs for the sharding tests: the same small model trained under fsdp and DDP side by side.
 
 `train` (2 ranks): trains the model under fsdp and under DDP on the same batches with clipping,
-saves both with DCP (`get_state_dict`), loads each into the other strategy, checks accumulation,
+saves both with DCP (`get_state_dict`), loads each into the other strategy, saves and loads through
+igniter-dist's checkpoint manager (sync and async), evaluates over uneven shards, checks accumulation,
 meta-device init, mixed precision, activation checkpointing with CPU offload, and exports the full
-state dict to rank 0. `load` (any world size): loads both checkpoints under fsdp and DDP.
+state dict to rank 0. `load` (any world size): loads both checkpoints under fsdp and DDP, evaluates over uneven shards.
 `hsdp` (2 nodes x 2 ranks): the same training under hsdp and DDP.
 Every rank writes `rank<r>.json`; rank 0 writes the full (gathered) tensors as `.pt` files for the test.
 """
@@ -26,8 +27,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader, TensorDataset
 
+from igniter_dist.checkpoint import CheckpointManager
+from igniter_dist.data import shard_eval_loader
 from igniter_dist.parallel.fsdp import ShardingOptions, shard
+from igniter_dist.parallel.lockstep import lockstep
 from igniter_dist.runtime import Runtime, exit_process, init_runtime, shutdown_runtime
 
 D_IN, WIDTH, N_OUT, DEPTH = 6, 10, 3, 3  # 10 and 3 rows split unevenly over 3 ranks
@@ -129,9 +134,8 @@ def save(model: nn.Module, optimizer: Any, folder: Path) -> None:
 
 def load(model: nn.Module, optimizer: Any, folder: Path) -> None:
     msd, osd = get_state_dict(model, optimizer)
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(folder))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(folder))  # in place, into msd and osd
+    set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
 
 
 def loaded(rt: Runtime, strategy: str, folder: Path) -> dict[str, Any]:
@@ -163,8 +167,8 @@ def accumulation(rt: Runtime) -> dict[str, Any]:
         (F.cross_entropy(micro(x[4:]), y[4:]) / 2).backward()
     at_last = [e.name for e in prof.events() if "reduce_scatter" in e.name]
     F.cross_entropy(whole(x), y).backward()
-    grads = {"micro": {n: full(p.grad) for n, p in micro.named_parameters()},
-             "whole": {n: full(p.grad) for n, p in whole.named_parameters()}}
+    grads = {"micro": {n: full(p.grad) for n, p in micro.named_parameters() if p.grad is not None},
+             "whole": {n: full(p.grad) for n, p in whole.named_parameters() if p.grad is not None}}
     return {"grads": grads, "reduce_scatters_before_last": len(before_last), "reduce_scatters_at_last": len(at_last),
             "grads_before_last": grads_before_last}
 
@@ -196,13 +200,52 @@ def mixed_precision(rt: Runtime) -> dict[str, Any]:
     for precision in ("bf16-mixed", "16-mixed"):
         model = build(rt, "fsdp", precision=precision)
         seen: list[str] = []
-        model.blocks[0].fc.register_forward_pre_hook(lambda m, args, seen=seen: seen.append(str(m.weight.dtype)))
+        first_block: Any = model.get_submodule("blocks.0")
+        first_block.fc.register_forward_pre_hook(lambda m, args, seen=seen: seen.append(str(m.weight.dtype)))
         scaler = torch.amp.GradScaler("cpu") if precision == "16-mixed" else None
         optimizer, log = train(model, rt, scaler=scaler)
         out[precision] = {"compute_dtype": seen[0], "output_dtype": log["output_dtype"][0], "loss": log["loss"],
                           "param_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
                           "scale": scaler.get_scale() if scaler else None,
                           "state": full_state(model, optimizer)["model"]}
+    return out
+
+
+def through_manager(rt: Runtime, folder: Path) -> dict[str, Any]:
+    """An fsdp model saved by the checkpoint manager, synchronously and in the background, and each loaded back."""
+    model = build(rt, "fsdp")
+    optimizer, _ = train(model, rt, steps=2)
+    out = {"saved": full_state(model, optimizer)}
+    for mode in ("sync", "async"):
+        with CheckpointManager(str(folder / mode), rt, async_save=mode == "async") as manager:
+            manager.save(2, {"model": model, "optimizer": optimizer}, per_rank={}, manifest={})
+            manager.wait()
+            fresh = build(rt, "fsdp", seed=123)
+            fresh_optimizer = torch.optim.Adam(fresh.parameters(), lr=LR)
+            manager.load(2, {"model": fresh, "optimizer": fresh_optimizer})
+        out[mode] = full_state(fresh, fresh_optimizer)
+    return out
+
+
+def uneven_evaluation(rt: Runtime) -> dict[str, Any]:
+    """Forwards of an fsdp model over evaluation shards of different lengths: sample ids counted, forwards run."""
+    model = build(rt, "fsdp")
+    model.eval()
+    out: dict[str, Any] = {}
+    for case, size, sized in (("uneven", 5, True), ("unsized", 5, False), ("empty_rank", 1, True)):
+        data = TensorDataset(torch.randn(size, D_IN, generator=torch.Generator().manual_seed(size)), torch.arange(size))
+        loader = shard_eval_loader(DataLoader(data, batch_size=1), rt.rank, rt.world_size)
+        counted: list[int] = []
+        forwards = 0
+        with torch.no_grad():
+            for (x, ids), is_counted in lockstep(loader if sized else iter(loader), len(loader) if sized else None, rt):
+                model(x)  # a collective: every rank must run as many
+                forwards += 1
+                if is_counted:
+                    counted += ids.tolist()
+        out[case] = {"counted": counted, "forwards": forwards, "shard": len(loader)}
+    model.reshard()  # type: ignore[operator]  # the root keeps its gathered parameters after a forward
+    out["sharded_after"] = all(isinstance(p, DTensor) for p in model.parameters())
     return out
 
 
@@ -225,6 +268,8 @@ def main() -> int:
             tensors["fsdp_from_ddp"] = loaded(rt, "fsdp", args.dir / "ddp_ckpt")
             tensors["ddp_from_fsdp"] = loaded(rt, "ddp", args.dir / "fsdp_ckpt")
             tensors["fsdp_from_fsdp"] = loaded(rt, "fsdp", args.dir / "fsdp_ckpt")
+            tensors["manager"] = through_manager(rt, args.dir / "manager")
+            result["evaluation"] = uneven_evaluation(rt)
             acc = accumulation(rt)
             tensors["accumulation"] = acc.pop("grads")
             result["accumulation"] = acc
@@ -242,14 +287,16 @@ def main() -> int:
                 for source in ("fsdp", "ddp"):
                     tensors[f"{strategy}_from_{source}"] = loaded(rt, strategy, args.dir / f"{source}_ckpt")
             tensors["meta"] = meta_init(rt)
+            result["evaluation"] = uneven_evaluation(rt)
         else:
             for strategy in ("hsdp", "ddp"):
                 model = build(rt, strategy)
                 optimizer, result[strategy] = train(model, rt)
                 result[strategy].update(shares(model, optimizer))
                 if strategy == "hsdp":
-                    result["placements"] = sorted({str(p.placements) for p in model.parameters()})
-                    shard_of_mine = {n: p.to_local().clone() for n, p in model.named_parameters()}
+                    sharded = {n: p for n, p in model.named_parameters() if isinstance(p, DTensor)}
+                    result["placements"] = sorted({str(p.placements) for p in sharded.values()})
+                    shard_of_mine = {n: p.to_local().clone() for n, p in sharded.items()}
                     torch.save(shard_of_mine, args.dir / f"hsdp_shard_rank{rt.rank}.pt")
                 tensors[strategy] = full_state(model, optimizer)
         if rt.is_main:
