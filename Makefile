@@ -23,8 +23,8 @@ demo: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	for d in benchmarks/checkpoint benchmarks/metrics "benchmarks/overhead benchmarks/harness.py benchmarks/run_all.py"; do \
-		MYPYPATH=benchmarks:benchmarks/overhead $(VENV)/bin/mypy $$d || exit 1; done
+	for d in benchmarks/checkpoint benchmarks/metrics benchmarks/sharding "benchmarks/overhead benchmarks/harness.py benchmarks/run_all.py"; do \
+		MYPYPATH=benchmarks:benchmarks/overhead:examples/gpt $(VENV)/bin/mypy $$d || exit 1; done
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
