@@ -1,6 +1,6 @@
 """Sharded training: per-rank memory and step time of fsdp against ddp, sharded checkpoint bandwidth.
 
-    .venv/bin/python benchmarks/sharding/bench.py            # the GPT example at 4 layers x 512, 2 ranks
+    .venv/bin/python benchmarks/sharding/bench.py            # the GPT example at 4 layers x 512 (and x 1024), 2 ranks
     .venv/bin/python benchmarks/sharding/bench.py --quick    # 2 layers x 128, 1 round: a smoke check
 
 Runs in the project's environment.
@@ -24,7 +24,8 @@ SCRATCH = OUT / "scratch" / "sharding"
 
 
 def run(quick: bool) -> dict:
-    size = ["--layers", "2", "--width", "128", "--steps", "2", "--rounds", "1", "--reps", "1"] if quick else []
+    size = ["--layers", "2", "--width", "128", "--steps", "2", "--rounds", "1", "--reps", "1", "--ckpt-layers", "2",
+            "--ckpt-width", "256"] if quick else []
     out = OUT / "sharding-run.json"
     shutil.rmtree(SCRATCH, ignore_errors=True)
     SCRATCH.mkdir(parents=True)
@@ -63,7 +64,9 @@ def summarize(data: dict) -> str:
             [f"step time, median of {c['rounds']} interleaved rounds x {c['steps']} steps (ddp / fsdp)",
              f"{step['ddp'] * 1e3:.0f} ms / {step['fsdp'] * 1e3:.0f} ms"],
             ["**fsdp / ddp step time**", f"**{step['fsdp'] / step['ddp']:.2f}**"],
-            [f"plain write of each rank's shards ({shard_mb:.1f} MB per rank), write + fsync",
+            [f"checkpointed model: {c['ckpt_layers']} layers x {c['ckpt_width']}, {data['ckpt_parameters']:,} "
+             f"parameters + Adam, {shard_mb:.0f} MB per rank", ""],
+            ["plain write of each rank's shards, write + fsync",
              f"{med['plain_write_s']:.3f} s"],
             ["sharded save (checkpoint manager, sync)", f"{med['save_s']:.3f} s"],
             ["**save bandwidth / plain** (target >= 0.80)", f"**{med['plain_write_s'] / med['save_s']:.2f}**"],

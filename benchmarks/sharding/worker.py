@@ -3,7 +3,8 @@
 Per rank: bytes of parameters, gradients and Adam state (after a backward, before the optimizer
 step, when all three exist); step time in interleaved rounds (ddp and fsdp take turns going
 first); sharded save and load through the checkpoint manager against a plain write and read of
-the same bytes (this rank's shards), timed barrier to barrier as in benchmarks/checkpoint.
+the same bytes (this rank's shards), timed barrier to barrier as in benchmarks/checkpoint, on a wider
+model than the one trained.
 
     torchrun --nproc-per-node 2 benchmarks/sharding/worker.py --url runs/bench/scratch/sharding --out x.json
 """
@@ -67,6 +68,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8, help="Sequences per rank and step.")
     p.add_argument("--steps", type=int, default=6, help="Timed steps per strategy and round.")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--ckpt-layers", type=int, default=4, help="Layers of the model the checkpoint part saves.")
+    p.add_argument("--ckpt-width", type=int, default=1024,
+                   help="Its width: 4 x 1024 is 50M parameters, 600 MB with Adam's moments, so per-tensor costs "
+                        "do not hide the bandwidth.")
     p.add_argument("--reps", type=int, default=3, help="Timed save/load repetitions, after one warm-up.")
     p.add_argument("--url", required=True, help="A local folder, empty or absent.")
     p.add_argument("--out", type=Path, required=True)
@@ -101,10 +106,18 @@ def main() -> None:
                 step(s)
                 times[s].append(time.perf_counter() - t0)
 
-    state = {"model": models["fsdp"], "optimizer": optimizers["fsdp"]}
-    mine = [local(t).detach() for t in (*models["fsdp"].parameters(),
-                                         *(v for st in optimizers["fsdp"].state.values() for v in st.values()
-                                           if isinstance(v, torch.Tensor)))]
+    parameters = sum(p.numel() for p in models["ddp"].parameters())
+    models.clear()  # free the training models before the bigger one
+    optimizers.clear()
+    big = GPTConfig(block_size=args.block, n_layer=args.ckpt_layers, n_head=max(1, args.ckpt_width // 64),
+                    n_embd=args.ckpt_width)
+    model = wrapped(big, "fsdp", rt)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
+    model(torch.zeros(1, 8, dtype=torch.long)).sum().backward()
+    optimizer.step()  # Adam's moments now exist
+    state = {"model": model, "optimizer": optimizer}
+    mine = [local(t).detach() for t in (*model.parameters(), *(v for st in optimizer.state.values()
+                                                                for v in st.values() if isinstance(v, torch.Tensor)))]
     mine_bytes = sum(t.nbytes for t in mine)
     url = args.url.rstrip("/")
     plain_root = Path(url) / "plain"
@@ -146,8 +159,8 @@ def main() -> None:
     everyone: list[Any] = rt.all_gather_object({"memory": memory, "shard_bytes": mine_bytes})
     if rt.is_main:
         write_json(args.out, {
-            "world_size": rt.world_size, "config": vars(args),
-            "parameters": sum(p.numel() for p in models["ddp"].parameters()),
+            "world_size": rt.world_size, "config": vars(args), "parameters": parameters,
+            "ckpt_parameters": sum(p.numel() for p in model.parameters()),
             "ranks": everyone, "median_step_s": {s: statistics.median(v) for s, v in times.items()},
             "step_s": times, "checkpoint": timer.results})
     shutdown_runtime()
