@@ -7,14 +7,18 @@ loop, metrics and checkpoints never branch on it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from .options import Options, option
+from .parallel import STRATEGIES, Strategy
+from .parallel.units import parse_class_names
 from .runtime import Runtime, runtime
+from .steps import PRECISIONS, Precision
 from .values import parse_bool
 
 
@@ -28,7 +32,28 @@ class PrepareOptions(Options):
     sync_batchnorm: bool = option(
         False, group="distributed", parse=parse_bool,
         help="Convert BatchNorm layers to SyncBatchNorm when distributed.")
-    compile: bool = option(False, group="training", parse=parse_bool, help="torch.compile the model in ig.prepare.")
+    compile: bool = option(False, group="training", parse=parse_bool,
+                           help="torch.compile the model in ig.prepare (under fsdp/hsdp: each sharding unit).")
+    strategy: Strategy = option(
+        "ddp", group="distributed", choices=STRATEGIES,
+        help="ddp: every rank holds the whole model; fsdp: parameters, gradients and optimizer state sharded over "
+             "all ranks (FSDP2); hsdp: sharded within a node, replicated across nodes.")
+    fsdp_wrap: tuple[str, ...] = option(
+        (), group="distributed", parse=parse_class_names,
+        help="fsdp/hsdp: class names of the sharding units, comma-separated (default: the repeated blocks).")
+    activation_checkpointing: bool = option(
+        False, group="training", parse=parse_bool,
+        help="fsdp/hsdp: recompute each sharding unit's activations in the backward instead of keeping them.")
+    fsdp_cpu_offload: bool = option(
+        False, group="distributed", parse=parse_bool,
+        help="fsdp/hsdp: keep the shards, their gradients and the optimizer step on the CPU.")
+    precision: Precision = option(
+        "32", group=None, choices=PRECISIONS,
+        help="fsdp/hsdp: the dtype parameters are gathered in; igniter_main passes --precision.")
+    init: Callable[[nn.Module], None] | None = option(
+        None, group=None,
+        help="For a model built on the meta device: init(module) initialises the module's own tensors "
+             "(default: its reset_parameters()).")
 
 
 _options = PrepareOptions()
@@ -45,17 +70,31 @@ def prepare(
     find_unused_parameters: bool | None = None,
     sync_batchnorm: bool | None = None,
     compile: bool | None = None,
+    *,
+    strategy: Strategy | None = None,
+    fsdp_wrap: Iterable[str] | None = None,
+    activation_checkpointing: bool | None = None,
+    fsdp_cpu_offload: bool | None = None,
+    precision: Precision | None = None,
+    init: Callable[[nn.Module], None] | None = None,
 ) -> nn.Module:
-    """Move `model` to this rank's device, wrap it in DDP when world_size > 1, optionally compile it.
+    """Collective when distributed: ready `model` for this job by `--strategy`, optionally compile it.
 
-    Options left as None follow the flags `--find-unused-parameters`, `--sync-batchnorm` and
-    `--compile`.
+    ddp moves it to this rank's device and wraps it in DDP when world_size > 1; fsdp and hsdp shard
+    it with FSDP2 (see `igniter_dist.parallel.fsdp`). A model built on the meta device is
+    materialised (already sharded under fsdp/hsdp) with each module's `reset_parameters()` or
+    `init(module)`. Options left as None follow the flags of the same names.
     """
-    given = {"find_unused_parameters": find_unused_parameters, "sync_batchnorm": sync_batchnorm, "compile": compile}
+    given: dict[str, Any] = {
+        "find_unused_parameters": find_unused_parameters, "sync_batchnorm": sync_batchnorm, "compile": compile,
+        "strategy": strategy, "fsdp_wrap": fsdp_wrap, "activation_checkpointing": activation_checkpointing,
+        "fsdp_cpu_offload": fsdp_cpu_offload, "precision": precision, "init": init}
     options = replace(_options, **{k: v for k, v in given.items() if v is not None})
     rt = runtime()
     if options.sync_batchnorm and rt.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if options.strategy != "ddp":
+        return wrap_sharded(model, rt, options)
     model = wrap_ddp(model, rt, options)
     if options.compile:
         # For a module torch.compile returns an OptimizedModule (an nn.Module); its stub says Callable.
@@ -65,12 +104,26 @@ def prepare(
 
 def wrap_ddp(model: nn.Module, rt: Runtime, options: PrepareOptions) -> nn.Module:
     """The ddp strategy: the model on the rank's device, in DistributedDataParallel when world_size > 1."""
+    from .parallel.materialize import materialize, on_meta
+
+    if on_meta(model):
+        materialize(model, rt, param_device=rt.device, init=options.init)  # DDP then broadcasts rank 0's copy
     model = model.to(rt.device)
     if not rt.distributed:
         return model
     device_ids = [rt.device.index] if rt.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
                                                find_unused_parameters=options.find_unused_parameters)
+
+
+def wrap_sharded(model: nn.Module, rt: Runtime, options: PrepareOptions) -> nn.Module:
+    """The fsdp and hsdp strategies: FSDP2 over the strategy's mesh (the plain model in one process)."""
+    from .parallel.fsdp import ShardingOptions, shard
+
+    return shard(model, rt, options.strategy, ShardingOptions(
+        wrap=options.fsdp_wrap, activation_checkpointing=options.activation_checkpointing,
+        cpu_offload=options.fsdp_cpu_offload, precision=options.precision, compile=options.compile,
+        init=options.init))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -11,11 +11,12 @@ from fsdp_worker import Block, Net
 from torch import nn
 
 from igniter_dist.errors import ConfigError
-from igniter_dist.parallel.fsdp import ShardingOptions, checkpoint_units, parse_wrap, shard
+from igniter_dist.parallel.fsdp import ShardingOptions, checkpoint_units, shard
 from igniter_dist.parallel.materialize import on_meta
-from igniter_dist.parallel.mesh import check_strategy, mesh_shape
-from igniter_dist.parallel.units import sharding_units
+from igniter_dist.parallel.mesh import mesh_shape
+from igniter_dist.parallel.units import parse_class_names, sharding_units
 from igniter_dist.runtime import Runtime
+from igniter_dist.wrapping import PrepareOptions
 
 
 class Mlp(nn.Module):
@@ -61,14 +62,16 @@ def test_wrap_names_classes_and_an_unknown_name_is_refused_with_the_classes_ther
                             "with parameters are Block, LayerNorm, Linear.")
 
 
-def test_parse_wrap_and_option_checks():
-    assert parse_wrap(" Block, Embedding ,") == ("Block", "Embedding")
-    with pytest.raises(ConfigError, match="--fsdp-wrap takes class names"):
-        ShardingOptions(wrap=("my.Block",))
-    with pytest.raises(ConfigError, match="--precision 'fp8'"):
-        ShardingOptions(precision="fp8")  # type: ignore[arg-type]
+def test_sharding_options_are_checked_where_they_enter():
+    assert parse_class_names(" Block, Embedding ,") == ("Block", "Embedding")
+    assert PrepareOptions(fsdp_wrap=["Block"]).fsdp_wrap == ("Block",)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError) as e:
+        PrepareOptions(fsdp_wrap="my.Block,Net")  # type: ignore[arg-type]
+    assert str(e.value) == "--fsdp-wrap takes class names separated by commas, got 'my.Block'."
+    with pytest.raises(ConfigError, match="precision 'fp8' is not supported"):
+        PrepareOptions(precision="fp8")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="--strategy 'zero3' is not supported; use one of ddp, fsdp, hsdp."):
-        check_strategy("zero3")
+        PrepareOptions(strategy="zero3")  # type: ignore[arg-type]
 
 
 def test_activation_checkpointing_wraps_the_outermost_units_and_keeps_state_dict_keys():

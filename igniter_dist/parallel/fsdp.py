@@ -1,7 +1,8 @@
 """Sharding a model with FSDP2 (`fully_shard`) over the strategy's mesh: units, precision, offload, checkpointing.
 
-Order, as torch recommends: activation checkpointing wraps the units, then `fully_shard` shards
-them bottom up and the root last, then a meta-device model is materialised shard by shard.
+Order, as torch recommends: activation checkpointing wraps the units, each unit is compiled, then
+`fully_shard` shards them bottom up and the root last, then a meta-device model is materialised
+shard by shard.
 In one process nothing is sharded: the model only moves to the device (and is materialised), as
 `prepare` does for DDP.
 """
@@ -18,35 +19,24 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-from ..errors import ConfigError
 from ..runtime import Runtime
-from ..steps import PRECISIONS, Precision
+from ..steps import Precision
+from . import Strategy
 from .materialize import materialize, on_meta
-from .mesh import Strategy, check_strategy, data_mesh
+from .mesh import data_mesh
 from .units import sharding_units
 
 
 @dataclass(frozen=True)
 class ShardingOptions:
-    """How fsdp and hsdp shard a model; each field but `init` is one flag."""
+    """How fsdp and hsdp shard a model (`prepare` checks the values, from its flags)."""
 
     wrap: tuple[str, ...] = ()  # class names of the sharding units; empty: the default choice
     activation_checkpointing: bool = False
     cpu_offload: bool = False
     precision: Precision = "32"
+    compile: bool = False  # each unit, before it is sharded
     init: Callable[[nn.Module], None] | None = None  # initialises a meta-built module's own tensors
-
-    def __post_init__(self) -> None:
-        bad = [n for n in self.wrap if not n.isidentifier()]
-        if bad:
-            raise ConfigError(f"--fsdp-wrap takes class names separated by commas, got {', '.join(map(repr, bad))}.")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"--precision {self.precision!r} is not supported; use one of {', '.join(PRECISIONS)}.")
-
-
-def parse_wrap(value: str) -> tuple[str, ...]:
-    """`--fsdp-wrap Block,Embedding` as a tuple of class names."""
-    return tuple(name.strip() for name in value.split(",") if name.strip())
 
 
 def shard(model: nn.Module, rt: Runtime, strategy: Strategy, options: ShardingOptions) -> nn.Module:
@@ -54,12 +44,14 @@ def shard(model: nn.Module, rt: Runtime, strategy: Strategy, options: ShardingOp
 
     Raises ConfigError, the same on every rank, for a strategy, unit name or layout that cannot work.
     """
-    if check_strategy(strategy) == "ddp":
-        raise ValueError("shard() is for fsdp and hsdp; DDP wraps the model instead")
+    assert strategy in ("fsdp", "hsdp"), f"shard() is for fsdp and hsdp, not {strategy}"
     meta = on_meta(model)
     units = sharding_units(model, options.wrap)
     if options.activation_checkpointing:
         units = checkpoint_units(model, units)
+    if options.compile:
+        for unit in units:
+            unit.compile()  # in place: state dict keys stay those of the plain model
     if not rt.distributed:
         if meta:
             materialize(model, rt, param_device=rt.device, init=options.init)

@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from ..errors import ConfigError
 from ..runtime import Runtime
-
-Strategy = Literal["ddp", "fsdp", "hsdp"]
-STRATEGIES: tuple[str, ...] = ("ddp", "fsdp", "hsdp")
-
-
-def check_strategy(strategy: str) -> Strategy:
-    """`strategy` as a Strategy; ConfigError naming the choices otherwise."""
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"--strategy {strategy!r} is not supported; use one of {', '.join(STRATEGIES)}.")
-    return strategy  # type: ignore[return-value]
+from . import Strategy
 
 
 def mesh_shape(rt: Runtime, strategy: Strategy) -> tuple[int, ...] | str:

@@ -7,6 +7,7 @@ as a transformer's layers do); a model without any gets every submodule holding 
 
 from __future__ import annotations
 
+import argparse
 from collections import Counter
 from collections.abc import Iterable
 
@@ -17,6 +18,15 @@ from ..errors import ConfigError
 _CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 # Below this a unit's all-gather is too small to be worth its own collective.
 MIN_UNIT_PARAMS = 1_000_000
+
+
+def parse_class_names(value: str | Iterable[str]) -> tuple[str, ...]:
+    """`Block,Embedding` (or a list of names) as a tuple of class names; an argparse `type=`."""
+    names = [n.strip() for n in (value.split(",") if isinstance(value, str) else value)]
+    bad = [n for n in names if n and not n.isidentifier()]
+    if bad:
+        raise argparse.ArgumentTypeError(f"takes class names separated by commas, got {', '.join(map(repr, bad))}")
+    return tuple(n for n in names if n)
 
 
 def sharding_units(model: nn.Module, wrap: Iterable[str] = (), min_params: int = MIN_UNIT_PARAMS) -> list[nn.Module]:
