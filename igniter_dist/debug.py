@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import IgniterError
+from .parallel import is_dtensor
 from .runtime import Runtime
 from .wrapping import unwrap
 
@@ -31,12 +32,18 @@ class ReplicaDivergence(IgniterError):
     """Ranks hold different parameters: something changed one replica outside DDP."""
 
 
-def tensor_digests(to_save: Mapping[str, Any]) -> dict[str, str]:
-    """A digest of every parameter and buffer of the modules in `to_save`, by qualified name."""
+def tensor_digests(to_save: Mapping[str, Any], shards: bool = True) -> dict[str, str]:
+    """A digest of every parameter and buffer of the modules in `to_save`, by qualified name.
+
+    A sharded tensor's digest is of this rank's shard; `shards=False` leaves them out (ranks differ there)."""
     out: dict[str, str] = {}
     for key, obj in to_save.items():
         if isinstance(obj, nn.Module):
             for name, t in unwrap(obj).state_dict().items():
+                if isinstance(t, torch.Tensor) and is_dtensor(t):
+                    if not shards:
+                        continue
+                    t = t.to_local()  # type: ignore[attr-defined]
                 if isinstance(t, torch.Tensor):
                     out[f"{key}.{name}"] = hashlib.sha1(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
     return out
@@ -78,7 +85,7 @@ class DebugChecks:
         """Collective at steps 1 and 2: all ranks compare parameter digests."""
         if engine.state.step > 2 or not self.runtime.distributed:
             return
-        mine = tensor_digests(engine.to_save)
+        mine = tensor_digests(engine.to_save, shards=False)
         everyone = self.runtime.all_gather_object(mine)
         diverged = [name for name in mine if any(other.get(name) != mine[name] for other in everyone)]
         if diverged:

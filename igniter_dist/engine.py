@@ -21,6 +21,8 @@ from torch import nn
 from .data import ShardedSampler, seed_workers, train_sampler
 from .errors import ConfigError, StepOutputError
 from .metrics import MetricSet
+from .parallel import is_sharded
+from .parallel.lockstep import lockstep
 from .resume import Checkpoints, RankState, RunState
 from .runtime import Runtime
 from .schedule import Schedule
@@ -72,6 +74,7 @@ class Engine:
         self.seed = seed
         modules = [m for m in self.to_save.values() if isinstance(m, nn.Module)]
         self.stepper = GradientStepper(step_options or StepOptions(), runtime.device, modules)
+        self.sharded_modules = [m for m in modules if is_sharded(m)]
         self.schedulers = [s for s in self.to_save.values() if isinstance(s, SchedulerSpec)]
         self.debug = debug  # replica agreement and a checkpoint round trip
         self.state = EngineState()
@@ -193,14 +196,25 @@ class Engine:
             return results
         for name, loop in self.evaluators.items():
             with self._eval_mode(), torch.no_grad(), self.stepper.autocast():
-                for i, batch in enumerate(islice(loop.loader, loop.max_batches), 1):
-                    self.sinks.eval_progress(name, i, eval_length(loop.loader, loop.max_batches))
+                for i, (batch, counted) in enumerate(self._eval_batches(loop), 1):
+                    if counted:
+                        self.sinks.eval_progress(name, i, eval_length(loop.loader, loop.max_batches))
                     batch = to_device(batch, self.runtime.device)
-                    loop.metrics.update(self._call(loop, batch), batch_size(batch), where=name)
+                    output = self._call(loop, batch)
+                    if counted:
+                        loop.metrics.update(output, batch_size(batch), where=name)
             results.update({f"{name}/{k}": v for k, v in loop.metrics.compute().items()})
             loop.metrics.reset()
         self._publish(results)
         return results
+
+    def _eval_batches(self, loop: Loop) -> Iterator[tuple[Any, bool]]:
+        """The evaluator's batches, each with whether its outputs count. A sharded model's forward is a
+        collective, so then the ranks run in lockstep: a rank whose shard ran out replays a batch, uncounted."""
+        batches = islice(loop.loader, loop.max_batches)
+        if not (self.sharded_modules and self.runtime.distributed):
+            return ((batch, True) for batch in batches)
+        return lockstep(batches, eval_length(loop.loader, loop.max_batches), self.runtime)
 
     @contextlib.contextmanager
     def _eval_mode(self) -> Iterator[None]:
@@ -221,6 +235,8 @@ class Engine:
                 m.train(flag)
             for m, flag in zip(ddps, sync_flags, strict=True):
                 m.require_forward_param_sync = flag
+            for m in self.sharded_modules:  # the root keeps its gathered parameters after a forward
+                m.reshard()  # type: ignore[operator]
 
     # ---------------------------------------------------------------- metrics, checkpoints
 

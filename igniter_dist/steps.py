@@ -1,4 +1,4 @@
-"""What a training step needs to be correct under DDP: precision, accumulation, clipping.
+"""What a training step needs to be correct under DDP and FSDP: precision, accumulation, clipping.
 
 The engine owns one `GradientStepper`; user steps reach it through `engine.backward(loss)`,
 `engine.optimizer_step(optimizer)` and `engine.autocast()`. Plain `loss.backward()` and
@@ -17,6 +17,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .options import Options, option
+from .parallel import is_sharded
 from .values import positive_float, positive_int
 
 if TYPE_CHECKING:
@@ -32,11 +33,12 @@ class StepOptions(Options):
 
     precision: Precision = option(
         "32", group="training", choices=PRECISIONS,
-        help="32: full precision; bf16-mixed / 16-mixed: autocast (16-mixed adds a checkpointed GradScaler).")
+        help="32: full precision; bf16-mixed / 16-mixed: autocast (16-mixed adds a checkpointed GradScaler); under "
+             "fsdp/hsdp parameters are also gathered in 16 bits, gradients reduced in fp32.")
     accumulate_grad_batches: int = option(
         1, group="training", parse=positive_int,
-        help="Micro-batches per optimizer step; DDP all-reduces only on the last one "
-             "(engine.backward/optimizer_step).")
+        help="Micro-batches per optimizer step; gradients are all-reduced (ddp) or reduce-scattered (fsdp) only "
+             "on the last one (engine.backward/optimizer_step).")
     grad_clip_norm: float | None = option(
         None, group="training", parse=positive_float,
         help="Clip the total gradient norm of each optimizer step to this value.")
@@ -45,12 +47,13 @@ class StepOptions(Options):
 
 
 class GradientStepper:
-    """Autocast, loss scaling, accumulation with `no_sync`, clipping: one object, state in checkpoints."""
+    """Autocast, loss scaling, accumulation without gradient sync, clipping: one object, state in checkpoints."""
 
     def __init__(self, options: StepOptions, device: torch.device, modules: list[nn.Module]):
         self.options = options
         self.device = device
         self.ddp_modules = [m for m in modules if isinstance(m, nn.parallel.DistributedDataParallel)]
+        self.sharded_modules = [m for m in modules if is_sharded(m)]
         dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(options.precision)
         self.autocast_dtype = dtype
         self.scaler = torch.amp.GradScaler(device.type) if options.precision == "16-mixed" else None
@@ -67,10 +70,13 @@ class GradientStepper:
 
     @contextlib.contextmanager
     def micro_step(self, iteration: int, epoch_length: int | None) -> Iterator[None]:
-        """Around one training step: autocast, and DDP's `no_sync` unless it ends a window."""
+        """Around one training step: autocast, and no gradient sync (DDP's `no_sync`, FSDP's
+        `set_requires_gradient_sync(False)`) unless it ends a window."""
         k = self.options.accumulate_grad_batches
         last_of_epoch = epoch_length is not None and iteration + 1 >= epoch_length
         self.boundary = k == 1 or (iteration + 1) % k == 0 or last_of_epoch
+        for m in self.sharded_modules:  # FSDP keeps unsharded gradients until the window's last backward
+            m.set_requires_gradient_sync(self.boundary)  # type: ignore[operator]
         with contextlib.ExitStack() as stack:
             stack.enter_context(self.autocast())
             if not self.boundary:  # gradients stay local until the window's last micro-step

@@ -22,6 +22,7 @@ from .engine import Engine, Loop, check_epoch_length
 from .errors import ConfigError
 from .metrics import MetricSet
 from .options import Options, from_keywords, keywords_from, option
+from .parallel import is_sharded
 from .redaction import redact
 from .resume import Checkpoints, Resumed, RunCheckpoints
 from .rng import seed_everything
@@ -243,7 +244,7 @@ def _check_prepared(to_save: Mapping[str, Any], rt: Runtime) -> None:
     if not isinstance(to_save, Mapping) or not to_save:
         raise ConfigError("to_save must be a non-empty dict such as {'model': model, 'optimizer': optimizer}.")
     for name, obj in to_save.items():
-        if not isinstance(obj, nn.Module) or isinstance(obj, nn.parallel.DistributedDataParallel):
+        if not isinstance(obj, nn.Module) or isinstance(obj, nn.parallel.DistributedDataParallel) or is_sharded(obj):
             continue
         trainable = any(p.requires_grad for p in obj.parameters())
         if rt.distributed and trainable:
@@ -319,16 +320,21 @@ def _say(rt: Runtime, message: str) -> None:
 
 
 def _export(rt: Runtime, to_save: Mapping[str, Any], o: TrainOptions, params: dict[str, Any], sinks: Sink) -> None:
-    """Rank 0 writes the consolidated model and the redacted arguments to the model dir."""
+    """Rank 0 writes the consolidated model and the redacted arguments to the model dir.
+
+    Collective when the model is sharded: every rank takes part in gathering it to rank 0."""
     model_dir = _model_dir(o)
-    if not rt.is_main or not model_dir:
+    if not model_dir:
         return
     from .checkpoint.export import model_state, write_state
 
     model = next((m for m in to_save.values() if isinstance(m, nn.Module)), None)
+    gathered = model_state(model) if model is not None and is_sharded(model) else None
+    if not rt.is_main:
+        return
     os.makedirs(model_dir, exist_ok=True)
     if model is not None:
-        state = model_state(model)  # copied off the device once for every format
+        state = gathered if gathered is not None else model_state(model)  # off the device once for every format
         for name in ["model.pt", "model.safetensors"] if o.model_safetensors else ["model.pt"]:
             path = os.path.join(model_dir, name)
             write_state(state, path)

@@ -11,6 +11,7 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ..errors import CheckpointError, IgniterError
+from ..parallel import is_sharded
 from ..wrapping import unwrap
 from . import layout
 from .safe_load import SafeLoadPlanner, load_metadata, safe_reader
@@ -21,13 +22,23 @@ from .storage import Storage, root_cause
 def export_model(model: nn.Module, path_or_url: str) -> None:
     """Write the unwrapped model's full state dict (no DDP `module.` prefix) to a file or URL.
 
-    Call it on rank 0 only. A `.safetensors` name writes safetensors; anything else `torch.save`.
+    Call it on rank 0 only, or, for a sharded model, on every rank (the gather is a collective;
+    rank 0 writes). A `.safetensors` name writes safetensors; anything else `torch.save`.
     """
-    write_state(model_state(model), path_or_url)
+    state = model_state(model)
+    if state or not is_sharded(model):
+        write_state(state, path_or_url)
 
 
 def model_state(model: nn.Module) -> dict[str, Any]:
-    """The unwrapped model's full state dict, copied to the CPU."""
+    """The unwrapped model's full state dict, copied to the CPU.
+
+    Collective for a sharded model: the tensors are gathered to rank 0 one by one (other ranks get
+    an empty dict), so no rank holds more than the CPU copy and one tensor on the device."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v
             for k, v in unwrap(model).state_dict().items()}
 
