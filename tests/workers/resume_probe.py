@@ -9,12 +9,16 @@ import hashlib
 import json
 import os
 import signal
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
+import torchmetrics
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 from torch.utils.data import DataLoader, Dataset
 
 import igniter_dist as ig
+from igniter_dist.parallel import is_sharded
 from igniter_dist.values import parse_bool
 from igniter_dist.wrapping import unwrap
 
@@ -37,13 +41,21 @@ class Numbers(Dataset):
 
 
 def state_digest(model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
+    """Collective under fsdp/hsdp: the whole state is gathered to rank 0, which hashes it for every rank."""
+    model_state: dict[str, Any]
+    optim_state: dict[Any, Any]
+    if is_sharded(model):
+        msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        model_state, optim_state = msd, cast(dict[Any, Any], osd.get("state", {}))
+    else:
+        model_state, optim_state = unwrap(model).state_dict(), optimizer.state_dict()["state"]
     h = hashlib.sha256()
-    for name, t in sorted(unwrap(model).state_dict().items()):
+    for name, t in sorted(model_state.items()):
         h.update(name.encode() + t.detach().cpu().numpy().tobytes())
-    for i, st in sorted(optimizer.state_dict()["state"].items()):
+    for i, st in sorted(optim_state.items()):
         for k, v in sorted(st.items()):
             h.update(f"{i}{k}".encode() + (v.cpu().numpy().tobytes() if torch.is_tensor(v) else str(v).encode()))
-    return h.hexdigest()
+    return ig.runtime().broadcast_object(h.hexdigest() if model_state or not is_sharded(model) else None)
 
 
 def main(args):
@@ -53,7 +65,7 @@ def main(args):
     os.makedirs(args.report_dir, exist_ok=True)
     train_loader = DataLoader(Numbers(args.n_train, reads), batch_size=args.batch_size, shuffle=True,
                               num_workers=args.workers)
-    eval_loader = DataLoader(Numbers(24), batch_size=5)
+    eval_loader = DataLoader(Numbers(args.n_eval), batch_size=args.eval_batch_size or 5)
     model = ig.prepare(nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 2)))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
     seen: list[int] = []
@@ -86,14 +98,15 @@ def main(args):
         return {"loss": loss}
 
     def eval_step(engine, batch):
-        x, y, _ = batch
+        x, y, idx = batch
         maybe_interrupt(engine.state.step, "eval")
-        return {"loss": nn.functional.cross_entropy(model(x), y)}
+        return {"loss": nn.functional.cross_entropy(model(x), y), "index": idx.float(), "ones": torch.ones(len(idx))}
 
     metrics = ig.train(
         to_save={"model": model, "optimizer": optimizer},
         train_spec=ig.RunSpec(step=train_step, loader=train_loader, metrics={"loss": "loss"}),
-        eval_spec=ig.RunSpec(step=eval_step, loader=eval_loader, metrics={"loss": "loss"}),
+        eval_spec=ig.RunSpec(step=eval_step, loader=eval_loader, metrics={
+            "loss": "loss", "index": "index", "count": ig.Metric(torchmetrics.SumMetric(), "ones")}),
         **ig.train_kwargs(args),
         parameters=vars(args),
     )
@@ -107,6 +120,7 @@ def main(args):
 def flags(parser):
     parser.add_argument("--report-dir", required=True)
     parser.add_argument("--n-train", type=int, default=48)
+    parser.add_argument("--n-eval", type=int, default=24)
     parser.add_argument("--interrupt-at", type=int, default=-1, help="global step (1-based) to interrupt after")
     parser.add_argument("--interrupt-where", default="train", choices=["train", "eval"])
     parser.add_argument("--interrupt-signal", default="TERM", choices=["TERM", "INT", "KILL"])

@@ -1,0 +1,102 @@
+"""`ig.train` under --strategy fsdp, end to end on 2-rank gloo jobs: the digits example learns as well as
+under DDP, a SIGTERM mid-epoch then resume ends bitwise identical to an uninterrupted run, checkpoints
+resume across strategies and world sizes (2 -> 3 under ddp, 2 -> 1, ddp -> fsdp), and evaluation over
+uneven shards (25 samples, batches of 4: 4 batches on rank 0, 3 on rank 1) counts every sample once; the
+GPT example learns under fsdp and ddp.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+import torch
+from test_resume import committed_steps, final_reports, probe_args
+from torch import nn
+
+from launch import ROOT, check, python, torchrun
+
+PROBE = ROOT / "tests" / "workers" / "resume_probe.py"
+DIGITS = ROOT / "examples" / "digits" / "train.py"
+GPT = ROOT / "examples" / "gpt" / "train.py"
+FSDP = ["--strategy", "fsdp", "--n-eval", "25", "--eval-batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted 2-rank fsdp run (3 epochs of 6 steps) and its folder, checkpoints included."""
+    tmp = tmp_path_factory.mktemp("fsdp-reference")
+    check(torchrun(PROBE, probe_args(tmp, "r", *FSDP)))
+    reports = final_reports(tmp / "r")
+    assert len(reports) == 2 and reports[0]["digest"] == reports[1]["digest"]
+    return tmp, reports[0]
+
+
+def accuracy(result) -> float:
+    found = re.search(r"final eval accuracy ([0-9.]+)", result.stdout)
+    assert found, result.stdout[-2000:]
+    return float(found.group(1))
+
+
+def test_uneven_evaluation_shards_count_every_sample_once(reference):
+    _, report = reference
+    assert report["metrics"]["eval/count"] == 25.0  # no sample dropped, none counted twice
+    assert report["metrics"]["eval/index"] == 12.0  # the mean of 0..24: the replayed batch was not counted
+
+
+def test_sigterm_mid_epoch_then_resume_ends_bitwise_identical(tmp_path, reference):
+    first = torchrun(PROBE, probe_args(tmp_path, "first", *FSDP, "--interrupt-at", "8"))
+    assert first.returncode != 0
+    assert first.stderr.count("stopped by SIGTERM; exiting with 143") == 2, first.stderr[-3000:]
+    saved = committed_steps(tmp_path / "ckpt")[-1]
+    assert 8 <= saved <= 10 and saved % 6  # mid-epoch
+    second = check(torchrun(PROBE, probe_args(tmp_path, "second", *FSDP)))
+    assert f"resumed from {tmp_path / 'ckpt'}/step_{saved:010d}" in second.stderr
+    assert [r["digest"] for r in final_reports(tmp_path / "second")] == [reference[1]["digest"]] * 2
+
+
+@pytest.mark.parametrize("ranks,strategy", [(3, "ddp"), (1, "fsdp")])
+def test_an_fsdp_checkpoint_resumes_on_another_world_size_and_strategy(tmp_path, reference, ranks, strategy):
+    shutil.copytree(reference[0] / "ckpt", tmp_path / "ckpt")
+    args = probe_args(tmp_path, "more", *FSDP, "--strategy", strategy, "--max-epochs", "4")
+    result = check(torchrun(PROBE, args, nproc=ranks) if ranks > 1 else python(PROBE, args))
+    assert (f"resumed from {tmp_path / 'ckpt'}/step_0000000018 (step 18, epoch 4, iteration 0, "
+            f"resharded from 2 to {ranks} ranks)") in result.stderr
+    assert committed_steps(tmp_path / "ckpt")[-1] > 18
+    assert {r["metrics"]["eval/count"] for r in final_reports(tmp_path / "more")} == {25.0}
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """The digits example, 3 epochs on 2 ranks, under ddp and under fsdp."""
+    tmp = tmp_path_factory.mktemp("digits")
+    runs = {s: check(torchrun(DIGITS, ["--strategy", s, "--max-epochs", "3", "--output-dir", str(tmp / s)]))
+            for s in ("ddp", "fsdp")}
+    return tmp, runs
+
+
+def test_the_digits_example_learns_under_fsdp_as_under_ddp(digits):
+    _, runs = digits
+    assert accuracy(runs["fsdp"]) > 0.9
+    assert accuracy(runs["fsdp"]) == pytest.approx(accuracy(runs["ddp"]), abs=0.01)
+
+
+def test_a_ddp_checkpoint_resumes_under_fsdp(digits):
+    tmp, _ = digits
+    saved = committed_steps(tmp / "ddp" / "checkpoints")[-1]
+    result = check(torchrun(DIGITS, ["--strategy", "fsdp", "--max-epochs", "4", "--output-dir", str(tmp / "ddp")]))
+    assert f"resumed from {tmp / 'ddp' / 'checkpoints'}/step_{saved:010d}" in result.stderr
+    assert accuracy(result) > 0.9
+    state = torch.load(tmp / "ddp" / "model" / "model.pt", weights_only=True)  # gathered from the shards
+    nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Dropout(), nn.Linear(128, 10)).load_state_dict(state)
+
+
+@pytest.mark.parametrize("ranks,strategy", [(2, "fsdp"), (1, "ddp")])
+def test_the_gpt_example_learns_under_fsdp_and_ddp(tmp_path, ranks, strategy):
+    """A tiny GPT over the repository's docs, 10 steps from a meta-device build: below the uniform 5.55 nats."""
+    args = ["--strategy", strategy, "--max-epochs", "1", "--epoch-length", "10", "--n-layer", "1", "--n-embd", "32",
+            "--n-head", "2", "--checkpoint-dir", "none", "--output-dir", str(tmp_path)]
+    result = check(torchrun(GPT, args, nproc=ranks) if ranks > 1 else python(GPT, args))
+    found = re.search(r"final eval loss ([0-9.]+) nats per byte", result.stdout)
+    assert found and float(found.group(1)) < 5.3, result.stdout[-2000:]
