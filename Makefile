@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --constraint constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: venv demo lint test docs bench clean
+.PHONY: venv demo gpt lint test docs bench clean
 
 venv: $(VENV)/.installed
 
@@ -23,8 +23,13 @@ demo: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	for d in benchmarks/checkpoint benchmarks/metrics benchmarks/sharding "benchmarks/overhead benchmarks/harness.py benchmarks/run_all.py"; do \
+	for d in "examples/gpt/model.py examples/gpt/train.py" benchmarks/checkpoint benchmarks/metrics benchmarks/sharding "benchmarks/overhead benchmarks/harness.py benchmarks/run_all.py"; do \
 		MYPYPATH=benchmarks:benchmarks/overhead:examples/gpt $(VENV)/bin/mypy $$d || exit 1; done
+
+# A small GPT on the repository's docs, sharded over 2 processes (see docs/howto/sharded.md).
+gpt: venv
+	rm -rf runs/gpt
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node 2 examples/gpt/train.py --strategy fsdp --output-dir runs/gpt
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
