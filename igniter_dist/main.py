@@ -6,6 +6,7 @@ import argparse
 import sys
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from .args import build_parser, parse_args
@@ -38,7 +39,8 @@ def igniter_main(
         settings = from_args(RuntimeOptions, args)
         rt = init_runtime(device=settings.device, timeout_s=settings.dist_timeout,
                           deterministic=settings.deterministic, debug=args.debug)
-        configure(from_args(PrepareOptions, args))  # what ig.prepare does where the script does not say
+        # What ig.prepare does where the script does not say; fsdp/hsdp also gather parameters in --precision.
+        configure(replace(from_args(PrepareOptions, args), precision=args.precision))
         rank_prefix = f"[rank {rt.rank}] " if rt.distributed else ""
         seed_everything(args.seed)  # identical model initialisation on every rank
         main(args)

@@ -20,12 +20,12 @@ from launch import ROOT, check, python, torchrun
 PROBE = ROOT / "tests" / "workers" / "resume_probe.py"
 DIGITS = ROOT / "examples" / "digits" / "train.py"
 GPT = ROOT / "examples" / "gpt" / "train.py"
-FSDP = ["--strategy", "fsdp", "--n-eval", "25", "--eval-batch-size", "4"]
+FSDP = ["--strategy", "fsdp", "--precision", "bf16-mixed", "--n-eval", "25", "--eval-batch-size", "4"]
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """The uninterrupted 2-rank fsdp run (3 epochs of 6 steps) and its folder, checkpoints included."""
+    """The uninterrupted 2-rank fsdp run in bf16-mixed (3 epochs of 6 steps), its folder with the checkpoints."""
     tmp = tmp_path_factory.mktemp("fsdp-reference")
     check(torchrun(PROBE, probe_args(tmp, "r", *FSDP)))
     reports = final_reports(tmp / "r")
@@ -37,6 +37,10 @@ def accuracy(result) -> float:
     found = re.search(r"final eval accuracy ([0-9.]+)", result.stdout)
     assert found, result.stdout[-2000:]
     return float(found.group(1))
+
+
+def test_bf16_mixed_gathers_parameters_in_bfloat16(reference):
+    assert reference[1]["compute_dtypes"] == ["torch.bfloat16"]  # --precision reached FSDP's policy
 
 
 def test_uneven_evaluation_shards_count_every_sample_once(reference):

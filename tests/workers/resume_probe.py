@@ -68,6 +68,8 @@ def main(args):
     eval_loader = DataLoader(Numbers(args.n_eval), batch_size=args.eval_batch_size or 5)
     model = ig.prepare(nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 2)))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
+    compute_dtypes: set[str] = set()  # of the first layer's weight inside the forward (fsdp: as gathered)
+    unwrap(model).get_submodule("0").register_forward_pre_hook(lambda m, _: compute_dtypes.add(str(m.weight.dtype)))
     seen: list[int] = []
     engine_scaler = [None]
 
@@ -114,6 +116,7 @@ def main(args):
     with open(os.path.join(args.report_dir, f"rank{rt.rank}_attempt{attempt}_{os.getpid()}.json"), "w") as f:
         scaler = engine_scaler[0]
         json.dump({"digest": state_digest(model, optimizer), "seen": seen, "metrics": metrics,
+                   "compute_dtypes": sorted(compute_dtypes),
                    "scaler": scaler.state_dict() if scaler is not None else None}, f)
 
 
