@@ -136,3 +136,11 @@ def test_one_process_is_left_unsharded_on_the_device():
     assert out is model and not any(type(p).__name__ == "DTensor" for p in model.parameters())
     assert {k: v for k, v in model.state_dict().items()}.keys() == before.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_compile_under_fsdp_compiles_each_unit_in_place_and_keeps_the_keys():
+    model = Net()
+    keys = list(model.state_dict())
+    shard(model, Runtime(), "fsdp", ShardingOptions(compile=True))
+    assert [b._compiled_call_impl is not None for b in model.blocks] == [True] * 3  # nn.Module.compile() in place
+    assert model._compiled_call_impl is None and list(model.state_dict()) == keys
