@@ -1,9 +1,11 @@
-"""On one CUDA GPU: train the digits model with bf16-mixed and torch.compile, and turn on
+"""On CUDA: train the digits model with bf16-mixed and torch.compile, and turn on
 `torch.cuda.set_sync_debug_mode("error")` for steady-state steps, so any host-device
 synchronisation the engine issues per step raises. Logging, evaluation and saving (which read
-values back by design) are scheduled outside the checked window.
+values back by design) are scheduled outside the checked window. Each rank prints its peak
+memory at the end.
 
     python scripts/gpu_sync_check.py --device cuda --precision bf16-mixed --compile true
+    torchrun --nproc-per-node 2 scripts/gpu_sync_check.py --device cuda --precision bf16-mixed --strategy fsdp
 """
 
 import os
@@ -44,6 +46,10 @@ def main(args):
     ig.train(to_save={"model": model, "optimizer": optimizer},
              train_spec=ig.RunSpec(step=checked_step, loader=loader, metrics={"loss": "loss"}),
              **{**ig.train_kwargs(args), "log_every": WARMUP + CHECKED + 1, "save_every": 0, "eval_every": 0})
+    rt = ig.runtime()
+    if on_cuda:
+        print(f"rank {rt.rank} ({args.strategy}): peak memory {torch.cuda.max_memory_allocated() / 2**20:.1f} MiB",
+              flush=True)
 
 
 if __name__ == "__main__":

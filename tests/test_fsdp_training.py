@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -104,3 +105,14 @@ def test_the_gpt_example_learns_under_fsdp_and_ddp(tmp_path, ranks, strategy):
     result = check(torchrun(GPT, args, nproc=ranks) if ranks > 1 else python(GPT, args))
     found = re.search(r"final eval loss ([0-9.]+) nats per byte", result.stdout)
     assert found and float(found.group(1)) < 5.3, result.stdout[-2000:]
+
+
+def test_the_gpu_sync_check_runs_its_window_under_fsdp_on_cpu(tmp_path):
+    """scripts/gpu_check.sh runs scripts/gpu_sync_check.py under fsdp and bf16-mixed on a lent GPU machine;
+    here, on CPU, every rank must still run the checked window (and claim nothing about CUDA)."""
+    assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_check.sh")]).returncode == 0
+    result = check(torchrun(ROOT / "scripts" / "gpu_sync_check.py", [
+        "--device", "cpu", "--strategy", "fsdp", "--precision", "bf16-mixed", "--max-epochs", "1", "--batch-size", "8",
+        "--output-dir", str(tmp_path)]))
+    assert result.stdout.count("steps 20..60 ran; synchronisation not checked without CUDA") == 2
+    assert "no host synchronisation" not in result.stdout
