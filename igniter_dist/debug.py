@@ -94,7 +94,10 @@ class DebugChecks:
                 f"After step {engine.state.step} the ranks hold different values of {shown}; something changed "
                 "one replica outside DDP (rank-dependent code in the step, or a model not wrapped with ig.prepare)."
             )
-        self._say(f"step {engine.state.step}: parameters agree on all {self.runtime.world_size} ranks")
+        if mine:
+            self._say(f"step {engine.state.step}: parameters agree on all {self.runtime.world_size} ranks")
+        else:
+            self._say(f"step {engine.state.step}: every parameter is sharded, so there are no replicas to compare")
 
     def after_save(self, engine: Engine) -> None:
         """Collective, once: load the checkpoint just saved and check nothing changed."""

@@ -51,7 +51,8 @@ def test_uneven_evaluation_shards_count_every_sample_once(reference):
 
 
 def test_sigterm_mid_epoch_then_resume_ends_bitwise_identical(tmp_path, reference):
-    first = torchrun(PROBE, probe_args(tmp_path, "first", *FSDP, "--interrupt-at", "8"))
+    """The interrupted run saves in the background (each rank stages its own shards)."""
+    first = torchrun(PROBE, probe_args(tmp_path, "first", *FSDP, "--interrupt-at", "8", "--async-checkpoint", "true"))
     assert first.returncode != 0
     assert first.stderr.count("stopped by SIGTERM; exiting with 143") == 2, first.stderr[-3000:]
     saved = committed_steps(tmp_path / "ckpt")[-1]
@@ -70,6 +71,12 @@ def test_an_fsdp_checkpoint_resumes_on_another_world_size_and_strategy(tmp_path,
             f"resharded from 2 to {ranks} ranks)") in result.stderr
     assert committed_steps(tmp_path / "ckpt")[-1] > 18
     assert {r["metrics"]["eval/count"] for r in final_reports(tmp_path / "more")} == {25.0}
+
+
+def test_debug_mode_checks_replicas_and_round_trips_a_sharded_checkpoint(tmp_path):
+    result = check(torchrun(PROBE, probe_args(tmp_path, "debug", "--strategy", "fsdp", "--debug", "true")))
+    assert "step 1: every parameter is sharded, so there are no replicas to compare" in result.stderr
+    assert "checkpoint round trip ok: step 4 saved and loaded back" in result.stderr
 
 
 @pytest.fixture(scope="module")
