@@ -34,6 +34,7 @@ from igniter_dist.data import shard_eval_loader
 from igniter_dist.parallel.fsdp import ShardingOptions, shard
 from igniter_dist.parallel.lockstep import lockstep
 from igniter_dist.runtime import Runtime, exit_process, init_runtime, shutdown_runtime
+from igniter_dist.steps import GradientStepper, StepOptions
 
 D_IN, WIDTH, N_OUT, DEPTH = 6, 10, 3, 3  # 10 and 3 rows split unevenly over 3 ranks
 STEPS, CLIP, LR = 4, 0.05, 1e-2
@@ -154,17 +155,17 @@ def shares(model: nn.Module, optimizer: Any) -> dict[str, int]:
 
 
 def accumulation(rt: Runtime) -> dict[str, Any]:
-    """Two micro-batches without gradient sync before the last, against one step on the whole batch."""
+    """Two micro-batches through the engine's GradientStepper (--accumulate-grad-batches 2), against one
+    backward of the whole batch."""
     micro, whole = build(rt, "fsdp"), build(rt, "fsdp")
+    stepper = GradientStepper(StepOptions(accumulate_grad_batches=2), rt.device, [micro])
     x, y = batch(0, rt.rank, rt.world_size)
-    micro.set_requires_gradient_sync(False)  # type: ignore[operator]
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        (F.cross_entropy(micro(x[:4]), y[:4]) / 2).backward()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, stepper.micro_step(0, None):
+        stepper.backward(F.cross_entropy(micro(x[:4]), y[:4]))
     before_last = [e.name for e in prof.events() if "reduce_scatter" in e.name]
     grads_before_last = sum(p.grad is not None for p in micro.parameters())
-    micro.set_requires_gradient_sync(True)  # type: ignore[operator]
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        (F.cross_entropy(micro(x[4:]), y[4:]) / 2).backward()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, stepper.micro_step(1, None):
+        stepper.backward(F.cross_entropy(micro(x[4:]), y[4:]))
     at_last = [e.name for e in prof.events() if "reduce_scatter" in e.name]
     F.cross_entropy(whole(x), y).backward()
     grads = {"micro": {n: full(p.grad) for n, p in micro.named_parameters() if p.grad is not None},
