@@ -197,11 +197,10 @@ class Engine:
         for name, loop in self.evaluators.items():
             with self._eval_mode(), torch.no_grad(), self.stepper.autocast():
                 for i, (batch, counted) in enumerate(self._eval_batches(loop), 1):
-                    if counted:
-                        self.sinks.eval_progress(name, i, eval_length(loop.loader, loop.max_batches))
                     batch = to_device(batch, self.runtime.device)
                     output = self._call(loop, batch)
-                    if counted:
+                    if counted:  # a replayed batch (fsdp, uneven shards) ran for its collectives only
+                        self.sinks.eval_progress(name, i, eval_length(loop.loader, loop.max_batches))
                         loop.metrics.update(output, batch_size(batch), where=name)
             results.update({f"{name}/{k}": v for k, v in loop.metrics.compute().items()})
             loop.metrics.reset()

@@ -26,7 +26,8 @@ def corpus(folder: str) -> bytes:
     """Every text file below `folder`, in a fixed order, as one byte string."""
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix in SUFFIXES and p.is_file())
     if not files:
-        raise ig.ConfigError(f"--data {folder} holds no text files ({', '.join(SUFFIXES)}); point it at a folder that does.")
+        raise ig.ConfigError(f"--data {folder} holds no text files ({', '.join(SUFFIXES)}); "
+                             "point it at a folder that does.")
     return b"\n".join(p.read_bytes() for p in files)
 
 
