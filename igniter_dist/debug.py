@@ -43,7 +43,7 @@ def tensor_digests(to_save: Mapping[str, Any], shards: bool = True) -> dict[str,
                 if isinstance(t, torch.Tensor) and is_dtensor(t):
                     if not shards:
                         continue
-                    t = t.to_local()  # type: ignore[attr-defined]
+                    t = t.to_local()
                 if isinstance(t, torch.Tensor):
                     out[f"{key}.{name}"] = hashlib.sha1(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
     return out

@@ -21,7 +21,7 @@ from torch import nn
 from .data import ShardedSampler, seed_workers, train_sampler
 from .errors import ConfigError, StepOutputError
 from .metrics import MetricSet
-from .parallel import is_sharded
+from .parallel import is_sharded, reshard
 from .parallel.lockstep import lockstep
 from .resume import Checkpoints, RankState, RunState
 from .runtime import Runtime
@@ -235,7 +235,7 @@ class Engine:
             for m, flag in zip(ddps, sync_flags, strict=True):
                 m.require_forward_param_sync = flag
             for m in self.sharded_modules:  # the root keeps its gathered parameters after a forward
-                m.reshard()  # type: ignore[operator]
+                reshard(m)
 
     # ---------------------------------------------------------------- metrics, checkpoints
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .options import Options, option
-from .parallel import is_sharded
+from .parallel import is_sharded, set_gradient_sync
 from .values import positive_float, positive_int
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ class GradientStepper:
         last_of_epoch = epoch_length is not None and iteration + 1 >= epoch_length
         self.boundary = k == 1 or (iteration + 1) % k == 0 or last_of_epoch
         for m in self.sharded_modules:  # FSDP keeps unsharded gradients until the window's last backward
-            m.set_requires_gradient_sync(self.boundary)  # type: ignore[operator]
+            set_gradient_sync(m, self.boundary)
         with contextlib.ExitStack() as stack:
             stack.enter_context(self.autocast())
             if not self.boundary:  # gradients stay local until the window's last micro-step

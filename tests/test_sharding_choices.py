@@ -64,14 +64,14 @@ def test_wrap_names_classes_and_an_unknown_name_is_refused_with_the_classes_ther
 
 def test_sharding_options_are_checked_where_they_enter():
     assert parse_class_names(" Block, Embedding ,") == ("Block", "Embedding")
-    assert PrepareOptions(fsdp_wrap=["Block"]).fsdp_wrap == ("Block",)  # type: ignore[arg-type]
+    assert PrepareOptions(fsdp_wrap=["Block"]).fsdp_wrap == ("Block",)  # type: ignore[arg-type]  # a list, as a user passes
     with pytest.raises(ConfigError) as e:
-        PrepareOptions(fsdp_wrap="my.Block,Net")  # type: ignore[arg-type]
+        PrepareOptions(fsdp_wrap="my.Block,Net")  # type: ignore[arg-type]  # the wrong value is the test
     assert str(e.value) == "--fsdp-wrap takes class names separated by commas, got 'my.Block'."
     with pytest.raises(ConfigError, match="precision 'fp8' is not supported"):
-        PrepareOptions(precision="fp8")  # type: ignore[arg-type]
+        PrepareOptions(precision="fp8")  # type: ignore[arg-type]  # the wrong value is the test
     with pytest.raises(ConfigError, match="--strategy 'zero3' is not supported; use one of ddp, fsdp, hsdp."):
-        PrepareOptions(strategy="zero3")  # type: ignore[arg-type]
+        PrepareOptions(strategy="zero3")  # type: ignore[arg-type]  # the wrong value is the test
 
 
 def test_activation_checkpointing_wraps_the_outermost_units_and_keeps_state_dict_keys():
@@ -81,7 +81,7 @@ def test_activation_checkpointing_wraps_the_outermost_units_and_keeps_state_dict
     wrapped = checkpoint_units(model, units)
     assert [type(b).__name__ for b in model.blocks] == ["CheckpointWrapper"] * 3
     assert type(model.inp).__name__ == type(model.head).__name__ == "CheckpointWrapper"
-    inner = model.blocks[0]._checkpoint_wrapped_module.fc  # type: ignore[union-attr]
+    inner = model.get_submodule("blocks.0._checkpoint_wrapped_module.fc")
     assert type(inner) is nn.Linear and inner in wrapped  # sharded on its own, checkpointed with its block
     assert sum(type(u).__name__ == "CheckpointWrapper" for u in wrapped) == 5
     assert list(model.state_dict()) == keys

@@ -79,7 +79,8 @@ class GPT(nn.Module):
 def gpt2_init(model: GPT) -> Callable[[nn.Module], None]:
     """GPT-2's initialisation as an `init=` for `ig.prepare`: N(0, 0.02) weights, the projections that
     write into the residual stream scaled down by sqrt(2 * n_layer), zero biases, unit norms."""
-    residual = {id(m) for block in model.blocks for m in (block.attn.proj, block.mlp[2])}  # type: ignore[union-attr, index]
+    blocks = [block for block in model.blocks if isinstance(block, Block)]
+    residual = {id(m) for block in blocks for m in (block.attn.proj, block.mlp[2])}
     residual_std = 0.02 / math.sqrt(2 * model.config.n_layer)
 
     def init(module: nn.Module) -> None:

@@ -7,10 +7,14 @@ torch.distributed.fsdp.
 from __future__ import annotations
 
 import sys
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, TypeGuard, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
 
 Strategy = Literal["ddp", "fsdp", "hsdp"]
 STRATEGIES: tuple[Strategy, ...] = ("ddp", "fsdp", "hsdp")
@@ -22,7 +26,17 @@ def is_sharded(module: nn.Module) -> bool:
     return fsdp is not None and isinstance(module, fsdp.FSDPModule)
 
 
-def is_dtensor(t: torch.Tensor) -> bool:
+def is_dtensor(t: torch.Tensor) -> TypeGuard[DTensor]:
     """Whether `t` is a DTensor (a shard of a sharded tensor); never imports DTensor to find out."""
     dtensor = sys.modules.get("torch.distributed.tensor")
     return dtensor is not None and isinstance(t, dtensor.DTensor)
+
+
+def set_gradient_sync(module: nn.Module, enabled: bool) -> None:
+    """Whether a sharded module reduce-scatters its gradients in the next backward (FSDP's `no_sync`)."""
+    cast("FSDPModule", module).set_requires_gradient_sync(enabled)
+
+
+def reshard(module: nn.Module) -> None:
+    """Free a sharded module's gathered parameters: after a forward the root keeps them until its backward."""
+    cast("FSDPModule", module).reshard()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from itertools import chain
+from typing import cast
 
 import torch
 from torch import nn
@@ -54,7 +55,7 @@ def materialize(model: nn.Module, rt: Runtime, *, param_device: torch.device, in
                 if init is not None:
                     init(module)
                 else:
-                    module.reset_parameters()  # type: ignore[operator]
+                    cast(Callable[[], None], module.reset_parameters)()
 
 
 def _check_initialisable(model: nn.Module, init: Init | None) -> None:

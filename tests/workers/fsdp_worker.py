@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from igniter_dist.checkpoint import CheckpointManager
 from igniter_dist.data import shard_eval_loader
+from igniter_dist.parallel import Strategy, reshard
 from igniter_dist.parallel.fsdp import ShardingOptions, shard
 from igniter_dist.parallel.lockstep import lockstep
 from igniter_dist.runtime import Runtime, exit_process, init_runtime, shutdown_runtime
@@ -39,6 +40,8 @@ from igniter_dist.steps import GradientStepper, StepOptions
 D_IN, WIDTH, N_OUT, DEPTH = 6, 10, 3, 3  # 10 and 3 rows split unevenly over 3 ranks
 STEPS, CLIP, LR = 4, 0.05, 1e-2
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+FSDP_AND_DDP: tuple[Strategy, ...] = ("fsdp", "ddp")
+HSDP_AND_DDP: tuple[Strategy, ...] = ("hsdp", "ddp")
 
 
 class Block(nn.Module):
@@ -83,12 +86,12 @@ def batch(step: int, rank: int, world: int, per_rank: int = 8) -> tuple[torch.Te
     return x[rank::world], y[rank::world]
 
 
-def build(rt: Runtime, strategy: str, seed: int = 0, **options: Any) -> nn.Module:
+def build(rt: Runtime, strategy: Strategy, seed: int = 0, **options: Any) -> nn.Module:
     torch.manual_seed(seed)
     model = Net()
     if strategy == "ddp":
         return nn.parallel.DistributedDataParallel(model) if rt.distributed else model
-    return shard(model, rt, strategy, ShardingOptions(**options))  # type: ignore[arg-type]
+    return shard(model, rt, strategy, ShardingOptions(**options))
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -139,7 +142,7 @@ def load(model: nn.Module, optimizer: Any, folder: Path) -> None:
     set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
 
 
-def loaded(rt: Runtime, strategy: str, folder: Path) -> dict[str, Any]:
+def loaded(rt: Runtime, strategy: Strategy, folder: Path) -> dict[str, Any]:
     """Collective: a fresh model (other weights) and optimizer of `strategy`, loaded from `folder`."""
     model = build(rt, strategy, seed=123)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
@@ -245,7 +248,7 @@ def uneven_evaluation(rt: Runtime) -> dict[str, Any]:
                 if is_counted:
                     counted += ids.tolist()
         out[case] = {"counted": counted, "forwards": forwards, "shard": len(loader)}
-    model.reshard()  # type: ignore[operator]  # the root keeps its gathered parameters after a forward
+    reshard(model)  # the root keeps its gathered parameters after a forward
     out["sharded_after"] = all(isinstance(p, DTensor) for p in model.parameters())
     return out
 
@@ -260,7 +263,7 @@ def main() -> int:
     tensors: dict[str, Any] = {}
     try:
         if args.mode == "train":
-            for strategy in ("fsdp", "ddp"):
+            for strategy in FSDP_AND_DDP:
                 model = build(rt, strategy)
                 optimizer, result[strategy] = train(model, rt)
                 result[strategy].update(shares(model, optimizer))
@@ -284,13 +287,13 @@ def main() -> int:
             if rt.is_main:
                 torch.save(export, args.dir / "model.pt")
         elif args.mode == "load":
-            for strategy in ("fsdp", "ddp"):
-                for source in ("fsdp", "ddp"):
+            for strategy in FSDP_AND_DDP:
+                for source in FSDP_AND_DDP:
                     tensors[f"{strategy}_from_{source}"] = loaded(rt, strategy, args.dir / f"{source}_ckpt")
             tensors["meta"] = meta_init(rt)
             result["evaluation"] = uneven_evaluation(rt)
         else:
-            for strategy in ("hsdp", "ddp"):
+            for strategy in HSDP_AND_DDP:
                 model = build(rt, strategy)
                 optimizer, result[strategy] = train(model, rt)
                 result[strategy].update(shares(model, optimizer))
