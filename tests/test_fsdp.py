@@ -181,6 +181,16 @@ def test_mixed_precision_computes_in_16_bits_and_keeps_fp32_weights(trained):
     assert tensors["precision"]["16-mixed"]["scale"] == 65536.0  # the sharded scaler found no overflow
 
 
+def test_16_mixed_skips_the_step_on_every_rank_when_one_shard_overflows(trained):
+    """The engine's GradScaler under fsdp: an inf in rank 1's gradient shard alone makes both ranks skip the
+    optimizer step and halve the scale (found_inf is agreed over the mesh), so the shards never diverge."""
+    _, ranks, _ = trained
+    for r in ranks:
+        assert r["overflow"]["shards"] > 0
+        assert r["overflow"]["changed"] == 0
+        assert r["overflow"]["scale"] == 32768.0
+
+
 def test_activation_checkpointing_and_cpu_offload_train_the_same(trained):
     _, ranks, tensors = trained
     assert all("._checkpoint_wrapped_module." in n for n in ranks[0]["ac_offload"]["param_names"] if "blocks" in n)

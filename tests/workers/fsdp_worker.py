@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -215,6 +215,26 @@ def mixed_precision(rt: Runtime) -> dict[str, Any]:
     return out
 
 
+def overflow_on_one_rank(rt: Runtime) -> dict[str, Any]:
+    """A 16-mixed step through the engine's GradientStepper where only rank 1's gradient shard holds an inf:
+    whether this rank's shards changed, and the loss scale after (both ranks must skip and halve it)."""
+    model = build(rt, "fsdp", precision="16-mixed")
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    stepper = GradientStepper(StepOptions(precision="16-mixed", grad_clip_norm=CLIP), rt.device, [model])
+    x, y = batch(0, rt.rank, rt.world_size)
+    with stepper.micro_step(0, None):
+        stepper.backward(F.cross_entropy(model(x), y))
+    before = [p.to_local().clone() for p in model.parameters() if isinstance(p, DTensor)]
+    if rt.rank == 1:
+        grad = next(g for p in model.parameters() if (g := cast(DTensor, p.grad).to_local()).numel())
+        grad.view(-1)[0] = float("inf")
+    stepper.optimizer_step(optimizer)
+    after = [p.to_local() for p in model.parameters() if isinstance(p, DTensor)]
+    assert stepper.scaler is not None
+    return {"shards": len(before), "changed": sum(not torch.equal(a, b) for a, b in zip(after, before, strict=True)),
+            "scale": stepper.scaler.get_scale()}
+
+
 def through_manager(rt: Runtime, folder: Path) -> dict[str, Any]:
     """An fsdp model saved by the checkpoint manager, synchronously and in the background, and each loaded back."""
     model = build(rt, "fsdp")
@@ -279,6 +299,7 @@ def main() -> int:
             result["accumulation"] = acc
             tensors["meta"] = meta_init(rt)
             tensors["precision"] = mixed_precision(rt)
+            result["overflow"] = overflow_on_one_rank(rt)
             model = build(rt, "fsdp", activation_checkpointing=True, cpu_offload=True)
             optimizer, result["ac_offload"] = train(model, rt)
             result["ac_offload"]["param_names"] = [n for n, _ in model.named_parameters()]
