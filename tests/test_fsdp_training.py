@@ -1,18 +1,21 @@
 """`ig.train` under --strategy fsdp, end to end on 2-rank gloo jobs: the digits example learns as well as
 under DDP, a SIGTERM mid-epoch then resume ends bitwise identical to an uninterrupted run, checkpoints
 resume across strategies and world sizes (2 -> 3 under ddp, 2 -> 1, ddp -> fsdp), and evaluation over
-uneven shards (25 samples, batches of 4: 4 batches on rank 0, 3 on rank 1) counts every sample once; the
-GPT example learns under fsdp and ddp.
+uneven shards (25 samples, batches of 4: 4 batches on rank 0, 3 on rank 1) counts every sample once,
+checkpoints on S3 follow --n-saved and --keep-best with MLflow on; the GPT example learns under fsdp and ddp.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
+import uuid
 
 import pytest
 import torch
+from test_checkpoint import folders
 from test_resume import committed_steps, final_reports, probe_args
 from torch import nn
 
@@ -77,6 +80,29 @@ def test_debug_mode_checks_replicas_and_round_trips_a_sharded_checkpoint(tmp_pat
     result = check(torchrun(PROBE, probe_args(tmp_path, "debug", "--strategy", "fsdp", "--debug", "true")))
     assert "step 1: every parameter is sharded, so there are no replicas to compare" in result.stderr
     assert "checkpoint round trip ok: step 4 saved and loaded back" in result.stderr
+
+
+@pytest.mark.usefixtures("clean_mlflow_env")
+def test_checkpoints_on_s3_keep_the_newest_and_the_best_and_mlflow_gets_the_history(tmp_path, s3_bucket, mlflow_server):
+    """One fsdp run with its checkpoints on S3 (moto), --n-saved 1 and --keep-best, and MLflow on."""
+    from mlflow import MlflowClient
+
+    url, name = f"{s3_bucket}/ckpt", f"fsdp-{uuid.uuid4().hex[:8]}"
+    check(torchrun(PROBE, ["--report-dir", str(tmp_path / "r"), "--checkpoint-dir", url, "--output-dir",
+                           str(tmp_path / "out"), *FSDP, "--n-saved", "1", "--keep-best", "eval/loss:min",
+                           "--mlflow-tracking-uri", mlflow_server, "--mlflow-experiment-name", name]))
+    history = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["eval/loss"] for r in history if "eval/loss" in r}
+    assert sorted(losses) == [6, 12, 18]
+    best = min(losses, key=losses.__getitem__)
+    assert {s for s, committed in folders(url).items() if committed} == {f"step_{s:010d}" for s in {best, 18}}
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name(name)
+    assert experiment is not None
+    [run] = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["checkpoint"] == f"{url}/step_0000000018"
+    tracked = client.get_metric_history(run.info.run_id, "eval/loss")
+    assert {m.step: m.value for m in tracked} == pytest.approx(losses)
 
 
 @pytest.fixture(scope="module")
