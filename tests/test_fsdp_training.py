@@ -83,14 +83,17 @@ def test_debug_mode_checks_replicas_and_round_trips_a_sharded_checkpoint(tmp_pat
 
 
 @pytest.mark.usefixtures("clean_mlflow_env")
-def test_checkpoints_on_s3_keep_the_newest_and_the_best_and_mlflow_gets_the_history(tmp_path, s3_bucket, mlflow_server):
-    """One fsdp run with its checkpoints on S3 (moto), --n-saved 1 and --keep-best, and MLflow on."""
+def test_s3_checkpoints_retention_mlflow_and_safetensors_export_under_fsdp(tmp_path, s3_bucket, mlflow_server):
+    """One fsdp run with its checkpoints on S3 (moto), --n-saved 1 and --keep-best, MLflow on, and the final
+    model exported as model.pt and model.safetensors (the same full tensors, gathered from the shards)."""
     from mlflow import MlflowClient
+    from safetensors.torch import load_file
 
     url, name = f"{s3_bucket}/ckpt", f"fsdp-{uuid.uuid4().hex[:8]}"
     check(torchrun(PROBE, ["--report-dir", str(tmp_path / "r"), "--checkpoint-dir", url, "--output-dir",
                            str(tmp_path / "out"), *FSDP, "--n-saved", "1", "--keep-best", "eval/loss:min",
-                           "--mlflow-tracking-uri", mlflow_server, "--mlflow-experiment-name", name]))
+                           "--mlflow-tracking-uri", mlflow_server, "--mlflow-experiment-name", name,
+                           "--model-safetensors", "true"]))
     history = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     losses = {r["step"]: r["eval/loss"] for r in history if "eval/loss" in r}
     assert sorted(losses) == [6, 12, 18]
@@ -103,6 +106,10 @@ def test_checkpoints_on_s3_keep_the_newest_and_the_best_and_mlflow_gets_the_hist
     assert run.info.status == "FINISHED" and run.data.tags["checkpoint"] == f"{url}/step_0000000018"
     tracked = client.get_metric_history(run.info.run_id, "eval/loss")
     assert {m.step: m.value for m in tracked} == pytest.approx(losses)
+    exported = torch.load(tmp_path / "out" / "model" / "model.pt", weights_only=True)  # gathered from the shards
+    nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Dropout(), nn.Linear(32, 2)).load_state_dict(exported)
+    safetensors = load_file(tmp_path / "out" / "model" / "model.safetensors")
+    assert safetensors.keys() == exported.keys() and all(torch.equal(safetensors[k], exported[k]) for k in exported)
 
 
 @pytest.fixture(scope="module")
