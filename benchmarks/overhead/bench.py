@@ -32,8 +32,8 @@ from harness import (
 
 WORKER = Path(__file__).resolve().parent / "worker.py"
 # (warm-up steps, timed steps) per run
-FULL = {"mlp": (30, 150), "cnn": (5, 25)}
-QUICK = {"mlp": (10, 30), "cnn": (2, 6)}
+FULL = {"mlp": (30, 150), "cnn": (5, 25), "tiny": (100, 600)}
+QUICK = {"mlp": (10, 30), "cnn": (2, 6), "tiny": (20, 60)}
 NAMES = {
     RAW: "raw PyTorch DDP loop",
     "igniter": "igniter-dist (metrics + console)",
@@ -102,7 +102,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="One short round: a smoke check, not a measurement.")
     p.add_argument("--rounds", type=int, default=None, help="Interleaved rounds (default 6, --quick 1).")
-    p.add_argument("--workloads", default="mlp,cnn")
+    p.add_argument("--workloads", default="mlp,cnn,tiny")
     p.add_argument("--ranks", default="1,2")
     p.add_argument("--impls", default=None, help="Comma-separated subset (raw always runs).")
     args = p.parse_args()

@@ -1,4 +1,4 @@
-"""The two training workloads every implementation runs: the same model, data, loss and optimizer."""
+"""The training workloads every implementation runs: the same model, data, loss and optimizer."""
 
 from __future__ import annotations
 
@@ -43,9 +43,15 @@ def cnn() -> nn.Module:
     )
 
 
+def tiny() -> nn.Module:
+    """One small linear layer: a step of a few hundred microseconds, so the framework's own time dominates."""
+    return nn.Linear(32, 10)
+
+
 WORKLOADS = {
     "mlp": Workload("mlp", mlp, (128,)),
     "cnn": Workload("cnn", cnn, (1, 28, 28)),
+    "tiny": Workload("tiny", tiny, (32,)),
 }
 
 
