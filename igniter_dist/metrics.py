@@ -38,43 +38,89 @@ class Metric:
         self.keys = keys
 
 
+SLOTS = 64  # step values a mean buffers on the device before folding them into its sum
+
+
 class _Mean:
     """Sample-weighted running sum (on the device) and count (a host int) of one output.
 
-    The count never touches the device: batch sizes and element counts are host integers, so an
-    update is one fused device op and no host sync.
+    A step costs one in-place copy: its value goes into the next slot of a preallocated device buffer
+    (no allocation, no host sync; the value is read at once, so the step may reuse its output's
+    memory afterwards, as CUDA graphs do). The buffered values share one batch size and are folded
+    into the float64 sum, weighted by it, when the buffer fills and before any read of the sum; a
+    batch of another size is added at once, and so are per-sample values (each element counts once).
     """
 
     def __init__(self, name: str, source: str | Callable[[StepOutput], Any], device: torch.device):
         self.name = name
         self.source = source
+        self._key = source if isinstance(source, str) else ""
+        self._fn: Callable[[StepOutput], Any] | None = None if isinstance(source, str) else source
         dtype = torch.float32 if device.type == "mps" else torch.float64
         self.total = torch.zeros((), dtype=dtype, device=device)
         self.count = 0
+        self._buffer = torch.zeros(SLOTS, dtype=dtype, device=device)
+        self._slots = self._buffer.unbind()  # one 0-dim view per slot, made once
+        self._filled = 0
+        self._weight = 0  # the batch size of the buffered values
+        self._host_values_on_device = device.type != "cpu"
 
     def value_of(self, output: StepOutput) -> Any:
-        if callable(self.source):
-            return self.source(output)
-        return output[self.source]
+        return output[self._key] if self._fn is None else self._fn(output)
 
     def update(self, output: StepOutput, batch_size: int) -> None:
         v = self.value_of(output)
         if isinstance(v, torch.Tensor):
-            v = v.detach()
-            n = v.numel()
-            if n == 1:  # a batch mean: counts with the batch size
-                self.total.add_(v.reshape(()), alpha=batch_size)
-                self.count += batch_size
-            else:  # per-sample values: each element counts once
-                self.total.add_(v.sum(dtype=self.total.dtype))
-                self.count += n
+            if v.requires_grad:
+                v = v.detach()
+            if v.ndim:
+                n = v.numel()
+                if n != 1:  # per-sample values: each element counts once
+                    self.total.add_(v.sum(dtype=self.total.dtype))
+                    self.count += n
+                    return
+                v = v.reshape(())
+            if self._host_values_on_device and v.is_cpu:
+                v = v.item()  # a CPU value on a GPU run: a host read, not a device sync
+        self.count += batch_size
+        if batch_size != self._weight:
+            if self._filled:  # another batch size (an epoch's last batch): add it at once
+                self.total.add_(v if isinstance(v, torch.Tensor) else float(v), alpha=batch_size)
+                return
+            self._weight = batch_size
+        slot = self._slots[self._filled]
+        if isinstance(v, torch.Tensor):
+            slot.copy_(v)
         else:
-            self.total.add_(float(v) * batch_size)
-            self.count += batch_size
+            slot.fill_(float(v))
+        self._filled += 1
+        if self._filled == SLOTS:
+            self.fold()
+
+    def fold(self) -> None:
+        """Add the buffered values, times their batch size, to the sum (device ops only)."""
+        if self._filled:
+            values = self._buffer if self._filled == SLOTS else self._buffer[:self._filled]
+            self.total.add_(values.sum(), alpha=self._weight)
+            self._filled = 0
 
     def reset(self) -> None:
         self.total.zero_()
         self.count = 0
+        self._filled = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        # The buffer is saved unfolded, so a resumed run adds the same numbers in the same order.
+        return {"total": self.total, "count": self.count, "buffer": self._buffer, "filled": self._filled,
+                "weight": self._weight}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.total.copy_(state["total"])
+        self.count = int(state["count"])
+        self._filled = int(state.get("filled", 0))  # checkpoints before the buffer have none
+        self._weight = int(state.get("weight", 0))
+        if self._filled:
+            self._buffer.copy_(state["buffer"])
 
 
 class MetricSet:
@@ -132,6 +178,8 @@ class MetricSet:
         """Collective: every rank gets the same global values (one all-reduce for all means)."""
         values: dict[str, float] = {}
         if self.means:
+            for m in self.means:
+                m.fold()
             totals = torch.stack([m.total for m in self.means])
             counts = torch.tensor([m.count for m in self.means], dtype=totals.dtype, device=totals.device)
             sums = torch.stack([totals, counts], dim=1)
@@ -152,7 +200,7 @@ class MetricSet:
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's accumulators (per-rank state: ranks hold different partial sums)."""
-        out: dict[str, Any] = {m.name: {"total": m.total, "count": m.count} for m in self.means}
+        out: dict[str, Any] = {m.name: m.state_dict() for m in self.means}
         for name, spec in self.torchmetrics.items():
             out[name] = dict(spec.metric.state_dict())
         return out
@@ -160,8 +208,7 @@ class MetricSet:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for m in self.means:
             if m.name in state:
-                m.total.copy_(state[m.name]["total"])
-                m.count = int(state[m.name]["count"])
+                m.load_state_dict(state[m.name])
         for name, spec in self.torchmetrics.items():
             if name in state:
                 spec.metric.load_state_dict(dict(state[name]), strict=False)

@@ -68,3 +68,37 @@ def test_accumulators_round_trip_through_state_dict():
                   torch.device("cpu"), distributed=False)
     b.load_state_dict(a.state_dict())
     assert b.compute() == a.compute()
+
+
+def test_means_stay_exact_across_buffer_folds_batch_sizes_and_reused_output_memory():
+    import math
+    import random
+
+    ms = MetricSet({"loss": "loss"}, torch.device("cpu"), distributed=False)
+    rng = random.Random(0)
+    out = torch.zeros(())  # one output tensor the step overwrites each time, as CUDA graphs do
+    expected, samples = [], 0
+    for i in range(200):  # three folds of the 64-slot buffer, batch sizes changing in between
+        size = 3 if i % 37 == 36 else (8 if i < 120 else 5)
+        out.fill_(rng.uniform(0, 10))
+        fed = out if i % 3 else (out.item() if i % 2 else out.reshape(1))  # a tensor, a number, a 1-element tensor
+        ms.update({"loss": fed}, batch_size=size)
+        expected.append(float(fed) * size)
+        samples += size
+    assert ms.compute()["loss"] == pytest.approx(math.fsum(expected) / samples, rel=1e-13)
+
+
+def test_a_mean_saved_mid_buffer_resumes_to_the_same_bits():
+    def feed(ms, values):
+        for v in values:
+            ms.update({"loss": torch.tensor(v)}, batch_size=4)
+
+    values = [0.1 * i + 0.01 for i in range(90)]
+    whole = MetricSet({"loss": "loss"}, torch.device("cpu"), distributed=False)
+    feed(whole, values)
+    first = MetricSet({"loss": "loss"}, torch.device("cpu"), distributed=False)
+    feed(first, values[:70])  # one fold at 64, six values still buffered
+    resumed = MetricSet({"loss": "loss"}, torch.device("cpu"), distributed=False)
+    resumed.load_state_dict(first.state_dict())
+    feed(resumed, values[70:])
+    assert resumed.compute() == whole.compute()
