@@ -361,13 +361,13 @@ class _Throughput:
 
 def batch_size(batch: Any) -> int:
     """The number of samples in a batch: the first dimension of its first tensor."""
+    while isinstance(batch, (list, tuple)) and batch:  # the common (inputs, labels): no recursion
+        batch = batch[0]
     if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
+        return batch.shape[0] if batch.ndim else 1
     if isinstance(batch, Mapping):
         for v in batch.values():
             return batch_size(v)
-    if isinstance(batch, (list, tuple)) and batch:
-        return batch_size(batch[0])
     return len(batch) if hasattr(batch, "__len__") else 1
 
 

@@ -56,6 +56,7 @@ class StopFlag:
         self._next_check = 1  # check every step until rank 0's first proposal arrives
         self._last_check = (0, time.monotonic())
         self._flag = torch.zeros(3, dtype=torch.int32)
+        self._flag_values = self._flag.numpy()  # the same memory: set without three indexing ops
 
     def install(self) -> None:
         """Take over the stop signals (main thread only); `restore` gives back the user's handlers."""
@@ -97,7 +98,7 @@ class StopFlag:
         if self._pending is not None:
             signum, save, proposed = self._finish()
             agreed, interval = (signum, save), proposed or self.check_every
-        self._flag[0], self._flag[1], self._flag[2] = self.requested, int(save_due), self._propose()
+        self._flag_values[:] = self.requested, int(save_due), self._propose()
         work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
         self._pending = (work, self._flag)
         self._next_check = self._calls + interval
