@@ -23,6 +23,8 @@ from .values import positive_float, positive_int
 if TYPE_CHECKING:
     from .engine import Engine
 
+_NOTHING = contextlib.nullcontext()  # reusable: entering it holds no state
+
 Precision = Literal["32", "bf16-mixed", "16-mixed"]
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 
@@ -65,11 +67,10 @@ class GradientStepper:
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.autocast_dtype is None:
-            return contextlib.nullcontext()
+            return _NOTHING
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    @contextlib.contextmanager
-    def micro_step(self, iteration: int, epoch_length: int | None) -> Iterator[None]:
+    def micro_step(self, iteration: int, epoch_length: int | None) -> contextlib.AbstractContextManager[Any]:
         """Around one training step: autocast, and no gradient sync (DDP's `no_sync`, FSDP's
         `set_requires_gradient_sync(False)`) unless it ends a window."""
         k = self.options.accumulate_grad_batches
@@ -77,6 +78,12 @@ class GradientStepper:
         self.boundary = k == 1 or (iteration + 1) % k == 0 or last_of_epoch
         for m in self.sharded_modules:  # FSDP keeps unsharded gradients until the window's last backward
             set_gradient_sync(m, self.boundary)
+        if self.boundary and self.autocast_dtype is None:
+            return _NOTHING  # full precision, every step a boundary: no generator, no ExitStack per step
+        return self._window()
+
+    @contextlib.contextmanager
+    def _window(self) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
             stack.enter_context(self.autocast())
             if not self.boundary:  # gradients stay local until the window's last micro-step
