@@ -7,12 +7,13 @@ no event bus. `Engine.run` is the whole training loop and reads top to bottom.
 from __future__ import annotations
 
 import contextlib
+import operator
 import signal
 import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
-from itertools import islice
+from itertools import islice, repeat
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -89,17 +90,23 @@ class Engine:
     def run(self) -> dict[str, float]:
         """Train to `max_epochs` (evaluating, logging and saving on schedule); returns the final metrics."""
         self._step_times.start(self.state.step)
+        # Sinks get the loop's position every step only while a bar is live; else where a line prints,
+        # and at the first step, from which the console's rate counts.
+        first, live, log_every = self.state.step + 1, self.sinks.live, self.schedule.log_every
         while self.state.epoch < self.schedule.max_epochs:
             for batch in self._train_batches():
                 output = self._train_step(batch)
                 self.train_loop.metrics.update(output, batch_size(batch))
                 self.state.step += 1
                 self.state.iteration += 1
-                self.sinks.progress(self._progress())
+                if live or self.state.step == first or self.state.step % log_every == 0:
+                    self.sinks.progress(self._progress())
                 signum, save_due = self.stop.poll(self._time_to_save())  # collective, overlapped
                 if signum:
                     self._emergency_save(signum)
                 self._after_step(save_due)
+            if not live:
+                self.sinks.progress(self._progress())  # the epoch's end prints a line
             self.state.epoch += 1
             self.state.iteration = 0
             self._after_epoch()
@@ -109,7 +116,8 @@ class Engine:
 
     def _after_step(self, save_due: bool) -> None:
         s, sched = self.state, self.schedule
-        self._step_schedulers("step")
+        if self.schedulers:
+            self._step_schedulers("step")
         if self.debug is not None:
             self.debug.after_step(self)
         if s.step % sched.log_every == 0:
@@ -148,8 +156,7 @@ class Engine:
             skip = s.iteration  # cannot seek: read and drop what was trained on
         seed_workers(loop.loader, self.seed, s.epoch, rt.rank)
         batches = islice(iter(loop.loader), skip, None if remaining is None else skip + remaining)
-        for batch in batches:
-            yield to_device(batch, rt.device)
+        return map(to_device, batches, repeat(rt.device))  # no generator frame between the loader and the loop
 
     def _train_step(self, batch: Any) -> Mapping[str, Any]:
         with self.stepper.micro_step(self.state.iteration, self.train_loop.epoch_length):
@@ -364,7 +371,7 @@ def batch_size(batch: Any) -> int:
     while isinstance(batch, (list, tuple)) and batch:  # the common (inputs, labels): no recursion
         batch = batch[0]
     if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.ndim else 1
+        return batch.size(0) if batch.ndim else 1
     if isinstance(batch, Mapping):
         for v in batch.values():
             return batch_size(v)
@@ -377,13 +384,16 @@ def to_device(batch: Any, device: torch.device) -> Any:
         if batch.device == device:
             return batch
         return batch.to(device, non_blocking=batch.is_pinned())
+    if isinstance(batch, (list, tuple)):  # before Mapping: an ABC's isinstance is the slower check
+        items = [to_device(v, device) for v in batch]
+        if all(map(operator.is_, items, batch)):
+            return batch  # already there (a CPU run): no new container per step
+        if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+            return type(batch)(*items)
+        return type(batch)(items)
     if isinstance(batch, Mapping):
         moved = {k: to_device(v, device) for k, v in batch.items()}
         return type(batch)(moved) if isinstance(batch, dict) else moved
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(to_device(v, device) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
     return batch
 
 

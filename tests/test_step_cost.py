@@ -17,6 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, Dataset
 
 import igniter_dist as ig
+from igniter_dist import engine
+from igniter_dist.tracking.base import Progress
 
 BATCH = (torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))
 
@@ -79,3 +81,16 @@ def test_a_full_metric_buffer_and_a_log_step_cost_a_fixed_handful(tmp_path):
     assert log == {"aten.detach.default": 4, "aten.copy_.default": 4, "aten.slice.Tensor": 1, "aten.sum.default": 1,
                    "aten.add_.Tensor": 1, "aten.stack.default": 2, "aten.lift_fresh.default": 1,
                    "aten.zero_.default": 1}
+
+
+def test_without_a_live_bar_the_loop_builds_a_position_only_where_a_line_prints(tmp_path, monkeypatch):
+    built: list[int] = []
+
+    def recorded(**fields: Any) -> Progress:
+        built.append(fields["step"])
+        return Progress(**fields)
+
+    monkeypatch.setattr(engine, "Progress", recorded)
+    count_ops(tmp_path, [], log_every=30)  # the console writes lines here (pytest's capture is no terminal)
+    # The first step (the console's rate counts from it), the log steps, the epoch's end: not the other 95.
+    assert built == [1, 30, 60, 90, 100]

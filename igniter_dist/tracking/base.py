@@ -25,9 +25,9 @@ class RunInfo:
         object.__setattr__(self, "params", redact(self.params))
 
 
-@dataclass(slots=True)  # built every step: a plain slotted class is the cheapest to create
+@dataclass(slots=True)  # built every step while a bar is live: a plain slotted class is the cheapest to create
 class Progress:
-    """Where the loop is, handed to sinks on every training step (keep sinks cheap here)."""
+    """Where the loop is: handed to sinks every step while one is `live`, else before each log call."""
 
     step: int  # global iteration, 1-based after the first step
     epoch: int  # 1-based
@@ -38,6 +38,10 @@ class Progress:
 
 class Sink(Protocol):
     """A destination for metrics. Called on rank 0 only; must never raise into the loop."""
+
+    # Whether `progress` must come every training step (a live bar; keep it cheap), rather than at the
+    # run's first step and before each `log_metrics` of training metrics.
+    live: bool
 
     def start(self, info: RunInfo) -> None: ...
 
@@ -65,6 +69,7 @@ class NullSink:
     """The sink of ranks that do not log: every call does nothing."""
 
     run_id: str | None = None
+    live = False
 
     def start(self, info: RunInfo) -> None:
         pass
@@ -96,6 +101,7 @@ class Sinks:
 
     def __init__(self, sinks: list[Sink]):
         self.sinks = sinks
+        self.live = any(s.live for s in sinks)
 
     @property
     def run_id(self) -> str | None:

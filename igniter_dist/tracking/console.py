@@ -60,6 +60,7 @@ class ConsoleSink:
             isatty = getattr(self._stream, "isatty", None)
             terminal = bool(isatty and isatty()) and terminal_columns(self._stream) > 0
         self._terminal = terminal
+        self.live = terminal  # a bar moves every step; a line needs the position only when it prints
         self._last: Progress | None = None
         self._max_epochs: int | None = None
         self._bar: Any = None  # tqdm bar of the current epoch, terminal mode only
@@ -74,7 +75,7 @@ class ConsoleSink:
         self._last = None  # the rate counts from the first step, not from set-up (MLflow may take seconds)
 
     def progress(self, p: Progress) -> None:
-        # Called every step: two comparisons, an assignment and tqdm's own rate-limited update.
+        # Called every step in a terminal: two comparisons, an assignment and tqdm's own rate-limited update.
         if self._last is None:
             self._rate_step, self._rate_time = p.step, time.monotonic()
         self._last = p

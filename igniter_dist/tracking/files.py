@@ -117,6 +117,7 @@ class FileSink:
     """
 
     run_id: str | None = None
+    live = False  # writes nothing per step
 
     def __init__(self, output_dir: str | os.PathLike[str]):
         self.dir = Path(output_dir)

@@ -266,6 +266,8 @@ class MlflowSink:
         system_metrics: log CPU, memory, disk, network (and GPU) metrics when psutil is present.
     """
 
+    live = False  # logs nothing per step
+
     def __init__(self, *, tracking_uri: str | None = None, experiment_name: str | None = None,
                  run_name: str | None = None, tags: dict[str, str] | None = None,
                  username: str | None = None, password: str | None = None,
