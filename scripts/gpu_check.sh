@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 8 and 13, as one short script for a lent GPU machine (about 3 minutes):
 #   1. the digits example on CUDA with bf16-mixed and torch.compile reaches > 0.9 accuracy;
-#   2. no per-step host synchronisation from the engine (torch.cuda.set_sync_debug_mode("error"));
+#   2. no per-step host synchronisation from the engine (torch.cuda.set_sync_debug_mode("error")),
+#      with bf16-mixed and torch.compile, and in full precision (the loop's plain path, issue 17);
 #   3. the same check under --strategy fsdp with bf16-mixed, with each rank's peak memory, and the
 #      GPT example (built on the meta device) under fsdp and bf16-mixed.
 # nccl needs one GPU per rank (NCCL refuses two ranks on one device), so fsdp is sharded only on a
@@ -16,6 +17,10 @@ python examples/digits/train.py --device cuda --precision bf16-mixed --compile t
 python scripts/gpu_sync_check.py --device cuda --precision bf16-mixed --compile true \
     --output-dir "$out/sync" 2>&1 | tee "$out/sync.log" | tail -3
 grep -q "no host synchronisation" "$out/sync.log"
+# Full precision takes the loop's plain path (no autocast, no context around the step): check it too.
+python scripts/gpu_sync_check.py --device cuda --precision 32 \
+    --output-dir "$out/sync32" 2>&1 | tee "$out/sync32.log" | tail -3
+grep -q "no host synchronisation" "$out/sync32.log"
 
 gpus=$(python -c "import torch; print(torch.cuda.device_count())")
 if [ "$gpus" -ge 2 ]; then
