@@ -159,6 +159,8 @@ class Engine:
         return map(to_device, batches, repeat(rt.device))  # no generator frame between the loader and the loop
 
     def _train_step(self, batch: Any) -> Mapping[str, Any]:
+        if self.stepper.plain:
+            return self._call(self.train_loop, batch)
         with self.stepper.micro_step(self.state.iteration, self.train_loop.epoch_length):
             return self._call(self.train_loop, batch)
 
@@ -187,7 +189,7 @@ class Engine:
 
     def _call(self, loop: Loop, batch: Any) -> Mapping[str, Any]:
         output = loop.spec.step(self, batch)
-        if not isinstance(output, Mapping):
+        if type(output) is not dict and not isinstance(output, Mapping):  # the ABC's check only for others
             raise StepOutputError(
                 f"The {loop.name} step returned a {type(output).__name__}; it must return a dict of "
                 "tensors or numbers, such as {'loss': loss}."
@@ -385,7 +387,8 @@ def to_device(batch: Any, device: torch.device) -> Any:
             return batch
         return batch.to(device, non_blocking=batch.is_pinned())
     if isinstance(batch, (list, tuple)):  # before Mapping: an ABC's isinstance is the slower check
-        items = [to_device(v, device) for v in batch]
+        # A tensor already on the device stays, without a call per item: the common (inputs, labels) of a CPU run.
+        items = [v if isinstance(v, torch.Tensor) and v.device == device else to_device(v, device) for v in batch]
         if all(map(operator.is_, items, batch)):
             return batch  # already there (a CPU run): no new container per step
         if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple

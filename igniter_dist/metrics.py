@@ -69,7 +69,7 @@ class _Mean:
         return output[self._key] if self._fn is None else self._fn(output)
 
     def update(self, output: StepOutput, batch_size: int) -> None:
-        v = self.value_of(output)
+        v = output[self._key] if self._fn is None else self._fn(output)  # value_of, inlined: it runs every step
         if isinstance(v, torch.Tensor):
             v = v.data  # the value without its autograd graph: a shallow copy, cheaper than dispatching detach()
             if v.ndim:

@@ -60,6 +60,8 @@ class GradientStepper:
         self.autocast_dtype = dtype
         self.scaler = torch.amp.GradScaler(device.type) if options.precision == "16-mixed" else None
         self.boundary = True  # whether the current micro-step ends an accumulation window
+        # Full precision without accumulation: every step is a boundary with nothing to enter around it.
+        self.plain = dtype is None and options.accumulate_grad_batches == 1
 
     @property
     def accumulating(self) -> bool:
