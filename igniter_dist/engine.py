@@ -73,9 +73,10 @@ class Engine:
         self.checkpoints = checkpoints
         self.stop = stop or StopFlag(runtime.distributed)
         self.seed = seed
-        modules = [m for m in self.to_save.values() if isinstance(m, nn.Module)]
-        self.stepper = GradientStepper(step_options or StepOptions(), runtime.device, modules)
-        self.sharded_modules = [m for m in modules if is_sharded(m)]
+        self.modules = [m for m in self.to_save.values() if isinstance(m, nn.Module)]
+        optimizers = [o for o in self.to_save.values() if isinstance(o, torch.optim.Optimizer)]
+        self.stepper = GradientStepper(step_options or StepOptions(), runtime, self.modules, optimizers)
+        self.sharded_modules = [m for m in self.modules if is_sharded(m)]
         self.schedulers = [s for s in self.to_save.values() if isinstance(s, SchedulerSpec)]
         self.debug = debug  # replica agreement and a checkpoint round trip
         self.state = EngineState()
@@ -226,7 +227,7 @@ class Engine:
 
     @contextlib.contextmanager
     def _eval_mode(self) -> Iterator[None]:
-        modules = [m for m in self.to_save.values() if isinstance(m, nn.Module)]
+        modules = self.modules
         was_training = [m.training for m in modules]
         # DDP broadcasts buffers in the first forward after a training step; with uneven eval
         # shards a rank with no batch would never join it, so evaluation skips that sync.
@@ -294,11 +295,13 @@ class Engine:
         manifest: dict[str, Any] = {"epoch": s.epoch, "iteration": s.iteration}
         if self.sinks.run_id:
             manifest["tracking_run_id"] = self.sinks.run_id
-        if self.checkpoints.save(s.step, self.checkpoint_state(), manifest=manifest, metrics=dict(self.metrics)):
-            self.sinks.set_tag("checkpoint", self.checkpoints.url_of(s.step))
-            self.sinks.flush()
-            if self.debug is not None:
-                self.debug.after_save(self)
+        # DCP may step the optimizers to build their state, here and in --debug's round trip: no training step.
+        with self.stepper.engine_calls():
+            if self.checkpoints.save(s.step, self.checkpoint_state(), manifest=manifest, metrics=dict(self.metrics)):
+                self.sinks.set_tag("checkpoint", self.checkpoints.url_of(s.step))
+                self.sinks.flush()
+                if self.debug is not None:
+                    self.debug.after_save(self)
 
     def _emergency_save(self, signum: int) -> None:
         """Collective: save the agreed step, say how long it took (launchers kill after a grace period)."""

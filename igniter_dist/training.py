@@ -131,7 +131,8 @@ def train(
         run_id = rt.broadcast_object(resumed.tracking_run_id if resumed else None)
         engine.sinks.start(RunInfo(params=params, output_dir=o.output_dir,
                                    resumed_step=resumed.step if resumed else 0, run_id=run_id))
-        metrics = engine.run()
+        with engine.stepper.attached():  # a plain optimizer.step() honours accumulation and clipping too
+            metrics = engine.run()
         _export(rt, to_save, o, params, engine.sinks)
         status = "FINISHED"
         return metrics

@@ -128,10 +128,17 @@ def wrap_sharded(model: nn.Module, rt: Runtime, options: PrepareOptions) -> nn.M
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's module inside a DDP (or torch.compile) wrapper."""
+    return unwrap_chain(model)[-1]
+
+
+def unwrap_chain(model: nn.Module) -> list[nn.Module]:
+    """`model` and every module it wraps (DDP's `module`, torch.compile's `_orig_mod`), outermost first."""
+    chain = [model]
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod
         else:
-            return model
+            return chain
+        chain.append(model)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from igniter_dist.errors import ConfigError
+from igniter_dist.runtime import Runtime
 from igniter_dist.steps import GradientStepper, StepOptions
 from launch import ROOT, check, python, torchrun
 
@@ -78,7 +79,7 @@ class RecordingSGD(torch.optim.SGD):
 def test_clipping_bounds_the_total_gradient_norm():
     model = nn.Linear(10, 10)
     opt = RecordingSGD(model.parameters(), lr=0.1)
-    stepper = GradientStepper(StepOptions(grad_clip_norm=0.5), torch.device("cpu"), [model])
+    stepper = GradientStepper(StepOptions(grad_clip_norm=0.5), Runtime(), [model])
     with stepper.micro_step(0, None):
         loss = (model(torch.randn(8, 10)) * 1000).pow(2).mean()
         stepper.backward(loss)
@@ -92,7 +93,7 @@ def test_clipping_bounds_the_total_gradient_norm():
 def test_clip_value_bounds_every_element():
     model = nn.Linear(4, 4)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    stepper = GradientStepper(StepOptions(grad_clip_value=0.01), torch.device("cpu"), [model])
+    stepper = GradientStepper(StepOptions(grad_clip_value=0.01), Runtime(), [model])
     captured: list[float] = []
     opt.register_step_pre_hook(lambda o, a, k: captured.extend(_grad(p).abs().max().item() for p in model.parameters()))
     with stepper.micro_step(0, None):

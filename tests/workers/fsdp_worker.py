@@ -161,7 +161,7 @@ def accumulation(rt: Runtime) -> dict[str, Any]:
     """Two micro-batches through the engine's GradientStepper (--accumulate-grad-batches 2), against one
     backward of the whole batch."""
     micro, whole = build(rt, "fsdp"), build(rt, "fsdp")
-    stepper = GradientStepper(StepOptions(accumulate_grad_batches=2), rt.device, [micro])
+    stepper = GradientStepper(StepOptions(accumulate_grad_batches=2), rt, [micro])
     x, y = batch(0, rt.rank, rt.world_size)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, stepper.micro_step(0, None):
         stepper.backward(F.cross_entropy(micro(x[:4]), y[:4]))
@@ -220,7 +220,7 @@ def overflow_on_one_rank(rt: Runtime) -> dict[str, Any]:
     whether this rank's shards changed, and the loss scale after (both ranks must skip and halve it)."""
     model = build(rt, "fsdp", precision="16-mixed")
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
-    stepper = GradientStepper(StepOptions(precision="16-mixed", grad_clip_norm=CLIP), rt.device, [model])
+    stepper = GradientStepper(StepOptions(precision="16-mixed", grad_clip_norm=CLIP), rt, [model])
     x, y = batch(0, rt.rank, rt.world_size)
     with stepper.micro_step(0, None):
         stepper.backward(F.cross_entropy(model(x), y))
