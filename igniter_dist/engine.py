@@ -31,6 +31,7 @@ from .signals import Interrupted, StopFlag
 from .spec import RunSpec
 from .steps import GradientStepper, SchedulerSpec, StepOptions
 from .tracking.base import NullSink, Progress, Sink
+from .wrapping import sync_buffers
 
 if TYPE_CHECKING:
     from .debug import DebugChecks
@@ -85,6 +86,7 @@ class Engine:
         self._step_times = _Throughput()
         self._logged_step = -1
         self._resume_position: int | None = None
+        self._empty_warned: set[str] = set()  # evaluators already reported as having no samples
 
     # ---------------------------------------------------------------- the loop
 
@@ -200,21 +202,34 @@ class Engine:
     # ---------------------------------------------------------------- evaluation
 
     def evaluate(self) -> dict[str, float]:
-        """Collective: run every evaluator over its whole loader; log and return the metrics."""
+        """Collective: run every evaluator over its whole loader; log and return the metrics.
+
+        The models are evaluated with rank 0's buffers, the copy that is checkpointed and exported.
+        An evaluator whose loader has no sample on any rank is skipped, with one warning.
+        """
         results: dict[str, float] = {}
         if not self.evaluators:
             return results
+        sync_buffers(self.modules, self.runtime)
         for name, loop in self.evaluators.items():
+            samples = 0
             with self._eval_mode(), torch.no_grad(), self.stepper.autocast():
                 for i, (batch, counted) in enumerate(self._eval_batches(loop), 1):
                     batch = to_device(batch, self.runtime.device)
                     output = self._call(loop, batch)
                     if counted:  # a replayed batch (fsdp, uneven shards) ran for its collectives only
+                        n = batch_size(batch)
+                        samples += n
                         self.sinks.eval_progress(name, i, eval_length(loop.loader, loop.max_batches))
-                        loop.metrics.update(output, batch_size(batch), where=name)
+                        loop.metrics.update(output, n, where=name)
+            if self._no_samples_anywhere(samples):
+                self._warn_empty(name)
+                loop.metrics.reset()
+                continue
             results.update({f"{name}/{k}": v for k, v in loop.metrics.compute().items()})
             loop.metrics.reset()
-        self._publish(results)
+        if results:
+            self._publish(results)
         return results
 
     def _eval_batches(self, loop: Loop) -> Iterator[tuple[Any, bool]]:
@@ -224,6 +239,20 @@ class Engine:
         if not (self.sharded_modules and self.runtime.distributed):
             return ((batch, True) for batch in batches)
         return lockstep(batches, eval_length(loop.loader, loop.max_batches), self.runtime)
+
+    def _no_samples_anywhere(self, samples: int) -> bool:
+        """Collective: whether no rank evaluated a sample (one rank without any is normal on uneven shards)."""
+        if not self.runtime.distributed:
+            return samples == 0
+        most = torch.tensor([samples], device=self.runtime.collective_device)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        return int(most.item()) == 0  # host sync: once per evaluation
+
+    def _warn_empty(self, name: str) -> None:
+        if self.runtime.is_main and name not in self._empty_warned:
+            print(f"igniter-dist: warning: the {name} loader gave no samples on any rank, so its evaluation is "
+                  "skipped; give it data or leave it out of eval_spec", file=sys.stderr, flush=True)
+        self._empty_warned.add(name)
 
     @contextlib.contextmanager
     def _eval_mode(self) -> Iterator[None]:
@@ -291,6 +320,7 @@ class Engine:
         self._last_save = time.monotonic()
         if self.checkpoints is None:
             return
+        sync_buffers(self.modules, self.runtime)  # the checkpoint holds rank 0's copy, whichever rank writes it
         s = self.state
         manifest: dict[str, Any] = {"epoch": s.epoch, "iteration": s.iteration}
         if self.sinks.run_id:

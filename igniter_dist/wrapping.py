@@ -12,10 +12,11 @@ from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .options import Options, option
-from .parallel import STRATEGIES, Strategy
+from .parallel import STRATEGIES, Strategy, is_dtensor
 from .parallel.units import parse_class_names
 from .runtime import Runtime, runtime
 from .steps import PRECISIONS, Precision
@@ -142,3 +143,40 @@ def unwrap_chain(model: nn.Module) -> list[nn.Module]:
         else:
             return chain
         chain.append(model)
+
+
+def sync_buffers(modules: Iterable[nn.Module], rt: Runtime) -> None:
+    """Collective: every rank takes rank 0's buffers of `modules`, the copy DDP broadcasts at the next forward.
+
+    BatchNorm's running statistics drift apart between ranks (each updates them from its own batch);
+    checkpoints and evaluation use this copy, so a resumed run and the evaluated model are the ones
+    training continues with and the one exported. One broadcast per dtype; nothing on one process.
+    """
+    if not rt.distributed:
+        return
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for module in modules:
+        for buffer in replicated_buffers(module):
+            groups.setdefault((buffer.dtype, buffer.device), []).append(buffer)
+    for buffers in groups.values():  # the same modules on every rank: the same groups, in the same order
+        flat = torch.cat([b.detach().reshape(-1) for b in buffers])
+        dist.broadcast(flat, src=0)
+        with torch.no_grad():
+            for b, part in zip(buffers, flat.split([b.numel() for b in buffers]), strict=True):
+                b.copy_(part.view_as(b))
+
+
+def replicated_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """The buffers of `model` meant to be equal on every rank, by wrapper type.
+
+    DDP: those it broadcasts (none with `broadcast_buffers=False`, not its ignored ones). Any other
+    module, all of them but DTensors: FSDP2 shards parameters only, so its buffers are per-rank
+    copies like a plain module's, and a DTensor buffer is already one tensor over the mesh.
+    """
+    ddp = next((m for m in unwrap_chain(model) if isinstance(m, nn.parallel.DistributedDataParallel)), None)
+    if ddp is not None:
+        if not ddp.broadcast_buffers:
+            return []
+        ignored = set(getattr(ddp, "parameters_to_ignore", ()))
+        return [b for name, b in unwrap(model).named_buffers() if name not in ignored]
+    return [b for b in unwrap(model).buffers() if not is_dtensor(b)]
