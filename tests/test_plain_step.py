@@ -146,3 +146,22 @@ def test_a_checkpoint_of_a_stateless_optimizer_is_no_training_step(tmp_path):
     scaler, model = run("none")
     assert saved_scaler == scaler
     assert all(torch.equal(saved_model[k], model[k]) for k in model)
+
+
+def test_a_foreign_optimizer_is_refused_under_clipping_alone(tmp_path):
+    """Full precision, no accumulation: the loop's fast path must still agree on a refused step."""
+    model = nn.Linear(4, 2)
+    opt, other = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step(engine, batch):
+        loss = model(batch[0]).pow(2).mean()
+        loss.backward()
+        other.step()
+        return {"loss": loss}
+
+    refused = r"^The train step stepped a SGD that is not in to_save, so --grad-clip-norm 1.0 cannot apply to it"
+    with pytest.raises(ConfigError, match=refused):
+        ig.train({"model": model, "optimizer": opt},
+                 ig.RunSpec(step=step, loader=DataLoader(TensorDataset(torch.randn(4, 4)), batch_size=2),
+                            metrics={"loss": "loss"}),
+                 max_epochs=1, grad_clip_norm=1.0, checkpoint_dir="none", output_dir=str(tmp_path), console=False)
