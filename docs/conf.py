@@ -6,7 +6,7 @@ import os
 import sys
 
 DOCS = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(DOCS, "_ext"))  # cli_parsers: the full `igniter-dist` parser for sphinx-argparse
+sys.path.insert(0, os.path.join(DOCS, "_ext"))  # cli_parsers (parsers for sphinx-argparse), generated (directives)
 sys.path.insert(0, os.path.dirname(DOCS))  # igniter_dist itself, also when it is not installed
 
 import igniter_dist
@@ -23,6 +23,7 @@ extensions = [
     "sphinx.ext.napoleon",
     "sphinx.ext.viewcode",
     "sphinxarg.ext",
+    "generated",  # docs/_ext/generated.py: exit-code tables from the code, plain-text usage blocks
 ]
 
 source_suffix = {".md": "markdown"}

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from . import sagemaker
-from .errors import ConfigError
+from .errors import SCRIPT_EXIT_CODES, ConfigError
+from .helptext import HelpFormatter, exit_codes_epilog
 from .options import Options, add_flags, flag_values, option
 from .runtime import RuntimeOptions
 from .steps import StepOptions
@@ -53,14 +54,14 @@ def build_parser(
     description: str | None = None,
 ) -> argparse.ArgumentParser:
     """The full parser: standard groups, one `--<input>` per declared input, then the script's flags."""
-    p = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(description=description, formatter_class=HelpFormatter, epilog=exit_codes_epilog(SCRIPT_EXIT_CODES))
     add_flags(p, STANDARD)
     if inputs:
         i = p.add_argument_group("inputs")
         for name, default in inputs.items():
             flag = "--" + name.replace("_", "-")
             i.add_argument(flag, dest=name.replace("-", "_"), default=sagemaker.channel_dir(name) or default,
-                           help=f"Input '{name}' (SM_CHANNEL_{name.upper()} inside SageMaker).")
+                           help=f"Input '{name}'; SM_CHANNEL_{name.upper()} inside SageMaker.")
     if argparse_callback is not None:
         argparse_callback(p)
     return p

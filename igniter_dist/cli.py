@@ -10,7 +10,8 @@ import importlib
 import os
 import sys
 
-from .errors import IgniterError
+from .errors import COMMAND_EXIT_CODES, IgniterError
+from .helptext import HelpFormatter, exit_codes_epilog
 
 # subcommand -> (module that implements it, one-line help). Each module has
 # `register(parser: argparse.ArgumentParser) -> None` and `run(args: argparse.Namespace) -> int`.
@@ -24,8 +25,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The `igniter-dist` parser, with the options of `command` (the one about to run) registered."""
-    parser = argparse.ArgumentParser(prog="igniter-dist", description=__doc__.splitlines()[0],
-                                     epilog="igniter-dist COMMAND --help shows a command's options.")
+    epilog = "igniter-dist COMMAND --help shows a command's options.\n\n" + exit_codes_epilog(COMMAND_EXIT_CODES)
+    parser = argparse.ArgumentParser(prog="igniter-dist", description=__doc__.splitlines()[0], epilog=epilog,
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)

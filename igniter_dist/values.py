@@ -8,6 +8,10 @@ in Python are checked by the same functions (see `options.py`).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import TypeVar
+
+N = TypeVar("N", int, float)
 
 TRUE = {"true", "1", "yes", "y", "on"}
 FALSE = {"false", "0", "no", "n", "off"}
@@ -26,24 +30,34 @@ def parse_bool(value: str | bool) -> bool:
 
 
 def positive_int(value: str | int) -> int:
-    n = int(value)
+    n = _number(int, value, "must be a positive integer")
     if n <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}")
     return n
 
 
 def non_negative_int(value: str | int) -> int:
-    n = int(value)
+    n = _number(int, value, "must be zero or a positive integer")
     if n < 0:
         raise argparse.ArgumentTypeError(f"must be zero or a positive integer, got {value!r}")
     return n
 
 
 def positive_float(value: str | float) -> float:
-    x = float(value)
+    x = _number(float, value, "must be a positive number")
     if not x > 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {value!r}")
     return x
+
+
+def _number(kind: Callable[[str | float], N], value: str | float, rule: str) -> N:
+    """`kind(value)`, or the rule the value breaks (argparse would say only "invalid int value")."""
+    if isinstance(value, bool):  # True is an int to Python, never a count or a rate to a user
+        raise argparse.ArgumentTypeError(f"{rule}, got {value!r}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{rule}, got {value!r}") from None
 
 
 def parse_tags(value: str | dict[str, str]) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """Flags: explicit booleans, schedules, SageMaker's extra keys, secrets redaction; bad input refused clearly."""
 
 import pytest
+import torch
 
 from igniter_dist.args import build_parser, parse_args, train_kwargs
 from igniter_dist.errors import ConfigError
@@ -70,3 +71,69 @@ def test_redaction_happens_once_where_parameters_enter():
     once = redact({"api_token": "abc", "lr": 0.1})
     assert redact(once) is once and RunInfo(params=once).params is once  # ig.train's params reach sinks as is
     assert RunInfo(params={"api_token": "abc", "lr": 0.1}).params == {"api_token": "***", "lr": 0.1}
+
+
+def test_help_shows_each_default_once_booleans_as_true_false_and_the_exit_codes(monkeypatch):
+    from igniter_dist.errors import SCRIPT_EXIT_CODES
+
+    monkeypatch.setenv("COLUMNS", "250")  # no wrapping: one line per option
+    text = build_parser(inputs={"data": "data"}).format_help()
+    for option in text.split("\n  --")[1:]:  # one chunk per option
+        assert option.count("(default") <= 1, option
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default: {})" not in text
+    assert "--resume {true,false}" in text and "Resume from the latest" in text and "(default: true)" in text
+    assert "Evaluation batch size per process (default: --batch-size).\n" in text
+    assert "Resume from the latest committed checkpoint in --checkpoint-dir (default: true).\n" in text
+    epilog = text[text.index("exit codes:"):]
+    assert [line.split()[0] for line in epilog.splitlines()[1:] if not line.startswith("     ")] == \
+        [c.code.split()[0] for c in SCRIPT_EXIT_CODES]
+
+
+def test_a_count_that_is_not_a_number_says_what_the_flag_takes():
+    with pytest.raises(ConfigError, match=r"^argument --max-epochs: must be a positive integer, got 'abc'\."):
+        parse_args(build_parser(), ["--max-epochs", "abc"])
+    with pytest.raises(ConfigError, match=r"^--n-saved must be a positive integer, got 'two'\.$"):
+        from igniter_dist.options import from_keywords
+        from igniter_dist.training import TrainOptions
+
+        from_keywords("ig.train", {"n_saved": "two"}, TrainOptions)
+
+
+def _exit_of(capsys, *argv: str, **keywords) -> tuple[object, str, dict]:
+    import igniter_dist as ig
+
+    seen: dict = {}
+
+    def main(args):
+        seen["device"] = args.device
+        seen["tensor"] = torch.zeros(1).to(args.device)
+
+    with pytest.raises(SystemExit) as exit_:
+        ig.igniter_main(main, argv=list(argv), **keywords)
+    return exit_.value.code, capsys.readouterr().err, seen
+
+
+def test_args_device_is_the_resolved_device(capsys):
+    code, _, seen = _exit_of(capsys, "--device", "auto")
+    assert code == 0 and seen["device"] == "cpu" and seen["tensor"].device == torch.device("cpu")
+
+
+def test_an_unknown_flag_for_the_script_is_a_usage_error(capsys):
+    code, err, seen = _exit_of(capsys, "--hiden", "3")
+    assert code == 2 and not seen
+    assert err == "error: unrecognized arguments: --hiden 3. Run with --help for the list of flags.\n"
+
+
+@pytest.mark.parametrize("keyword,replacement", [
+    ("training_args", "set flag defaults in argparse_callback with parser.set_defaults(max_epochs=..., ...)"),
+    ("checkpoint_dir", "set that flag's default in argparse_callback with parser.set_defaults(checkpoint_dir=...)"),
+    ("training_instance", "launch SageMaker jobs with `igniter-dist launch sagemaker SCRIPT --instance-type TYPE ...`"),
+])
+def test_pytorch_igniter_keywords_name_their_replacement(capsys, keyword, replacement):
+    code, err, seen = _exit_of(capsys, **{keyword: {"max_epochs": 5}})
+    assert code == 2 and not seen
+    assert err == (f"error: igniter_main() no longer takes {keyword}= (a pytorch-igniter keyword): {replacement}; "
+                   "see docs/howto/migrating.md.\n")
+    code, err, _ = _exit_of(capsys, bogus=1)
+    assert code == 2 and err == ("error: igniter_main() got an unknown keyword 'bogus'; it takes main, inputs, "
+                                 "argparse_callback, description and argv.\n")

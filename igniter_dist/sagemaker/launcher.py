@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..errors import ConfigError
+from ..helptext import HelpFormatter
 from ..values import FALSE, TRUE, parse_bool, positive_int
 
 CODE_CHANNEL = "code"  # the entrypoint unpacks <channel>/sourcedir.tar.gz into /opt/ml/code
@@ -216,17 +217,6 @@ def follow(job_name: str, region: str, poll_s: float, out: TextIO | None = None)
         time.sleep(poll_s)
 
 
-class _Help(argparse.RawDescriptionHelpFormatter):
-    """Shows each option's default once, as it is typed (`false`, not `False`); no default, nothing shown."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help or ""
-        if not action.option_strings or action.default in (None, [], argparse.SUPPRESS):
-            return text
-        shown = str(action.default).lower() if isinstance(action.default, bool) else str(action.default)
-        return f"{text.removesuffix('.')} (default: {shown.replace('%', '%%')})."
-
-
 class _LaunchParser(argparse.ArgumentParser):
     """Reads `SCRIPT [OPTIONS] [-- SCRIPT_ARGS]`, options before or after SCRIPT, a bare switch meaning true."""
 
@@ -297,7 +287,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="target", required=True, metavar="TARGET", parser_class=_LaunchParser)
     sm = sub.add_parser(
         "sagemaker", help="A SageMaker training job: SCRIPT under torchrun on every instance, spot included.",
-        usage=USAGE, description=DESCRIPTION, epilog=EXAMPLE, formatter_class=_Help, allow_abbrev=False)
+        usage=USAGE, description=DESCRIPTION, epilog=EXAMPLE, formatter_class=HelpFormatter, allow_abbrev=False)
     sm.add_argument("script", metavar="SCRIPT", help="The training script, inside --source-dir.")
     _add_options(sm)
 
