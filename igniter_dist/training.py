@@ -24,7 +24,7 @@ from .metrics import MetricSet
 from .options import Options, from_keywords, keywords_from, option
 from .parallel import is_sharded
 from .redaction import redact
-from .resume import Checkpoints, Resumed, RunCheckpoints
+from .resume import Checkpoints, Resumed, RunCheckpoints, changed_flags, init_from, resume_from
 from .rng import seed_everything
 from .runtime import Runtime, runtime
 from .schedule import Every, Schedule, parse_every
@@ -68,6 +68,14 @@ class TrainOptions(Options):
     resume: bool = option(
         True, group="checkpoints", parse=parse_bool,
         help="Resume from the latest committed checkpoint in --checkpoint-dir.")
+    resume_from: str | None = option(
+        None, group="checkpoints",
+        help="A committed step folder or URL (of any run) to resume the full state from, as a new run; "
+             "ignored once --checkpoint-dir holds a checkpoint, whose latest wins.")
+    init_from: str | None = option(
+        None, group="checkpoints",
+        help="Model weights to start a fresh run from (step 0, a fresh optimizer): a step folder, model.pt or "
+             "model.safetensors; ignored once --checkpoint-dir holds a checkpoint, whose latest wins.")
     save_every: Every = option(
         Every(1), group="checkpoints", parse=parse_every,
         help="Save every N epochs (1, 1epochs) or N iterations (500steps); 0 saves only at the end.")
@@ -104,6 +112,12 @@ class TrainOptions(Options):
         None, group=None, help="MLflow settings; ig.train_kwargs builds them from the --mlflow-* flags.")
     console: bool = option(True, group=None, parse=parse_bool, help="Print progress and metrics on rank 0.")
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.resume_from and self.init_from:
+            raise ConfigError(f"--resume-from {self.resume_from} and --init-from {self.init_from} both choose where "
+                              "the run starts; pass one of them.")
+
 
 @keywords_from(TrainOptions, StepOptions)
 def train(
@@ -127,7 +141,7 @@ def train(
     engine.stop.install()
     try:
         seed_everything(o.seed + rt.rank)  # a fresh run's streams; a resume replaces them from the checkpoint
-        resumed = _resume(engine) if o.resume and not o.debug else None  # debug mode: a fresh folder
+        resumed = None if o.debug else _start(engine, o, params)  # debug mode: a fresh folder, a fresh start
         run_id = rt.broadcast_object(resumed.tracking_run_id if resumed else None)
         engine.sinks.start(RunInfo(params=params, output_dir=o.output_dir,
                                    resumed_step=resumed.step if resumed else 0, run_id=run_id))
@@ -208,18 +222,35 @@ def _assemble(rt: Runtime, to_save: Mapping[str, Any], train_spec: RunSpec,
                   debug=checks)
 
 
-def _resume(engine: Engine) -> Resumed | None:
-    """Collective: load the latest committed checkpoint into the run, and say so on rank 0."""
-    if engine.checkpoints is None:
+def _start(engine: Engine, o: TrainOptions, params: dict[str, Any]) -> Resumed | None:
+    """Collective: load where the run starts, and say so on rank 0.
+
+    This run's own latest checkpoint wins (with `resume`), so that a restart of the same command never
+    loses progress; before there is one, `--resume-from` or `--init-from` applies.
+    """
+    rt, state = engine.runtime, engine.checkpoint_state()
+    own = engine.checkpoints.resume(state) if o.resume and engine.checkpoints is not None else None
+    given = f"--resume-from {o.resume_from}" if o.resume_from else f"--init-from {o.init_from}" if o.init_from else ""
+    if own is not None:
+        if given:
+            _say(rt, f"igniter-dist: {given} is ignored: {engine.checkpoints.url if engine.checkpoints else ''} "
+                     "holds this run's own checkpoints, and its latest wins so that a restart never loses progress.")
+        resumed = own
+    elif o.resume_from:
+        resumed = resume_from(o.resume_from, state, rt, o.seed)
+    elif o.init_from:
+        _say(rt, f"igniter-dist: loaded {init_from(o.init_from, engine.to_save, rt)}; training starts at step 0 "
+                 "with a fresh optimizer.")
         return None
-    resumed = engine.checkpoints.resume(engine.checkpoint_state())
-    if resumed is None:
+    else:
         return None
-    rt, s, max_epochs = engine.runtime, engine.state, engine.schedule.max_epochs
+    s, max_epochs = engine.state, engine.schedule.max_epochs
     world = "" if resumed.saved_world_size == rt.world_size else (
         f", resharded from {resumed.saved_world_size} to {rt.world_size} ranks")
-    _say(rt, f"igniter-dist: resumed from {resumed.url} (step {s.step}, epoch {s.epoch + 1}, "
-             f"iteration {s.iteration}{world})")
+    where = f"epoch {s.epoch + 1}, iteration {s.iteration}" if s.iteration else f"after epoch {s.epoch}"
+    _say(rt, f"igniter-dist: resumed from {resumed.url} (step {s.step}, {where}{world})")
+    for line in changed_flags(resumed.saved_args, params, resumed.url):
+        _say(rt, line)
     if s.epoch >= max_epochs:
         _say(rt, f"igniter-dist: this run already finished {s.epoch} epochs (--max-epochs {max_epochs}); "
                  "raise --max-epochs to train further.")

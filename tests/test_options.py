@@ -20,7 +20,8 @@ from igniter_dist.training import TrainOptions
 # Every keyword ig.train took before the options had one description, with its default then.
 TRAIN_KEYWORDS = {
     "max_epochs": None, "epoch_length": None, "seed": 1, "eval_every": 1, "log_every": 50, "checkpoint_dir": None,
-    "resume": True, "save_every": 1, "n_saved": 2, "keep_best": None, "save_every_minutes": None,
+    "resume": True, "resume_from": None, "init_from": None, "save_every": 1, "n_saved": 2, "keep_best": None,
+    "save_every_minutes": None,
     "async_checkpoint": False, "on_checkpoint_error": "stop", "output_dir": "output", "model_dir": None,
     "model_safetensors": False, "parameters": None, "mlflow": None, "console": True, "precision": "32",
     "accumulate_grad_batches": 1, "grad_clip_norm": None, "grad_clip_value": None, "debug": False,

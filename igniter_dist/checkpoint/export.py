@@ -62,6 +62,37 @@ def write_state(state: dict[str, Any], path_or_url: str) -> None:
         raise storage.error("write", e, path_or_url) from None
 
 
+def read_state(path_or_url: str) -> dict[str, Any]:
+    """One process: the flat state dict in a `model.pt` (read with `weights_only`) or `.safetensors` file."""
+    parent, _, name = path_or_url.rstrip("/").rpartition("/")
+    storage = Storage(parent or ".")
+    try:
+        data = storage.read_bytes(name)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path_or_url} does not exist.") from None
+    except Exception as e:
+        raise storage.error("read", e, path_or_url) from None
+    try:
+        if name.endswith(".safetensors"):
+            from safetensors.torch import load as load_safetensors
+
+            state: Any = load_safetensors(data)
+        else:
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except ImportError:
+        raise CheckpointError(f"Cannot read {path_or_url}: safetensors is not installed; "
+                              "pip install safetensors.") from None
+    except Exception as e:
+        raise CheckpointError(f"{path_or_url} is not a model file igniter-dist can read ({_first_line(e)}).") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise CheckpointError(f"{path_or_url} holds a {type(state).__name__}, not a model's state dict.")
+    return state
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+
+
 def _safetensors_bytes(state: dict[str, Any], url: str) -> bytes:
     try:
         from safetensors.torch import save as save_safetensors

@@ -40,6 +40,13 @@ def parse_step(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def split_step_url(url: str) -> tuple[str, int] | None:
+    """`(root, step)` of a step folder's URL (`runs/a/checkpoints/step_0000000270`), None for any other name."""
+    root, _, name = url.rstrip("/").rpartition("/")
+    step = parse_step(name)
+    return None if step is None else (root or ".", step)
+
+
 @dataclass(frozen=True)
 class Folder:
     """One `step_<N>` folder as listed: its files (name -> size) and whether it is committed."""

@@ -405,20 +405,22 @@ class CheckpointManager:
             )
         return None
 
-    def load(self, step: int, state: dict[str, Any]) -> LoadResult:
+    def load(self, step: int, state: dict[str, Any], *, rank_state: bool = True) -> LoadResult:
         """Collective: load committed step `step` in place into the objects of `state`.
 
+        DCP reads the keys of `state`'s objects only (and this rank's own state unless `rank_state` is
+        False), so `{"model": model}` loads a model's weights alone out of a full checkpoint.
         Raises DamagedCheckpoint on every rank when its files are missing, of another size than its
         manifest recorded, or unreadable; CheckpointError when it cannot be found or reached, or does
         not match `state`.
         """
         try:
-            return self._load(step, state)
+            return self._load(step, state, rank_state)
         except DamagedCheckpoint:
             self._damaged.add(step)
             raise
 
-    def _load(self, step: int, state: dict[str, Any]) -> LoadResult:
+    def _load(self, step: int, state: dict[str, Any], rank_state: bool) -> LoadResult:
         """Collective: `load` itself (rank 0 checks the files, every rank reads the metadata and its share)."""
         self.wait()
         entries = state_mod.classify(state)
@@ -437,7 +439,7 @@ class CheckpointManager:
         template: dict[str, Any] = {}
         try:
             metadata = self._metadata(folder)
-            template = state_mod.load_template(entries, metadata, self.runtime.rank, url)
+            template = state_mod.load_template(entries, metadata, self.runtime.rank, url, rank_state=rank_state)
         except IgniterError as e:
             error = e
         self._agree(error)

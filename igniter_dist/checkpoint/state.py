@@ -151,9 +151,11 @@ def _rank_of(fqn: str) -> int | None:
     return int(head) if head.isdigit() else None
 
 
-def load_template(entries: list[Entry], metadata: Metadata, rank: int, url: str) -> dict[str, Any]:
+def load_template(entries: list[Entry], metadata: Metadata, rank: int, url: str, *,
+                  rank_state: bool = True) -> dict[str, Any]:
     """The state dict to hand to `dcp.load`: live tensors for models and optimizers (loaded in place),
-    fresh buffers shaped from the checkpoint for everything else.
+    fresh buffers shaped from the checkpoint for everything else, and this rank's own state unless
+    `rank_state` is False. Only the entries' keys are asked for: DCP reads nothing else.
 
     Raises CheckpointError, identically on every rank, when a model or optimizer does not match.
     """
@@ -167,7 +169,13 @@ def load_template(entries: list[Entry], metadata: Metadata, rank: int, url: str)
             else:
                 assert e.model is not None
                 live = get_optimizer_state_dict(e.model, e.obj)
-            _check_keys(e, _flat_keys(e.name, live), _saved_under(saved, e.name), url)
+            if not _saved_under(saved, e.name):
+                raise CheckpointError(f"The checkpoint {url} holds no state named {e.name!r}.")
+            prefix = len(e.name) + 1
+            problem = mismatch(e.kind, e.name, shapes(live), {k[prefix:]: _saved_shape(saved[k])
+                                                                 for k in _saved_under(saved, e.name)}, "checkpoint")
+            if problem:
+                raise CheckpointError(f"The checkpoint {url} does not match {problem}.")
             template[e.name] = live
         else:
             keys = _saved_under(saved, e.name)
@@ -175,7 +183,8 @@ def load_template(entries: list[Entry], metadata: Metadata, rank: int, url: str)
                 raise CheckpointError(f"The checkpoint {url} holds no state named {e.name!r}; it has "
                                       f"{_show(sorted(_top_names(saved)))}.")
             template.update(buffers_for(saved, keys))
-    template.update(buffers_for(saved, _saved_under(saved, per_rank_key(rank))))
+    if rank_state:
+        template.update(buffers_for(saved, _saved_under(saved, per_rank_key(rank))))
     return template
 
 
@@ -260,13 +269,6 @@ def buffers_for(saved: dict[str, Any], keys: list[str]) -> dict[str, Any]:
     return out
 
 
-def _flat_keys(name: str, value: Any) -> set[str]:
-    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
-
-    flat, _ = flatten_state_dict({name: value})
-    return set(flat)
-
-
 def _saved_under(saved: dict[str, Any], name: str) -> list[str]:
     return sorted(k for k in saved if k.startswith(name + "."))
 
@@ -275,21 +277,38 @@ def _top_names(saved: dict[str, Any]) -> set[str]:
     return {k.split(".", 1)[0] for k in saved if not k.startswith(PER_RANK_PREFIX)}
 
 
-def _check_keys(e: Entry, expected: set[str], saved: list[str], url: str) -> None:
-    have = set(saved)
-    if not have:
-        raise CheckpointError(f"The checkpoint {url} holds no state named {e.name!r}.")
-    missing = sorted(k[len(e.name) + 1:] for k in expected - have)
-    unexpected = sorted(k[len(e.name) + 1:] for k in have - expected)
+Shapes = dict[str, tuple[int, ...] | None]  # flat key -> a tensor's global shape, None for other values
+
+
+def mismatch(kind: str, name: str, live: Shapes, saved: Shapes, source: str) -> str | None:
+    """Pure: "the model 'model': <what differs>" when the keys or tensor shapes of `saved` (read from
+    `source`, such as "checkpoint") are not those of the live object; None when they match."""
+    missing = sorted(live.keys() - saved.keys())
+    unexpected = sorted(saved.keys() - live.keys())
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing from the checkpoint: {_show(missing)}")
+            parts.append(f"missing from the {source}: {_show(missing)}")
         if unexpected:
-            parts.append(f"in the checkpoint but not in the {e.kind}: {_show(unexpected)}")
-        raise CheckpointError(
-            f"The checkpoint {url} does not match the {e.kind} {e.name!r}: {'; '.join(parts)}."
-        )
+            parts.append(f"in the {source} but not in the {kind}: {_show(unexpected)}")
+        return f"the {kind} {name!r}: {'; '.join(parts)}"
+    for key in sorted(live):
+        if live[key] is not None and saved[key] is not None and live[key] != saved[key]:
+            return (f"the {kind} {name!r}: {key!r} has shape {list(saved[key] or ())} in the {source} and "
+                    f"{list(live[key] or ())} in the {kind}")
+    return None
+
+
+def shapes(value: Any) -> Shapes:
+    """The flat keys of a (nested) state dict, as DCP names them below the entry's name, with tensor shapes."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+
+    flat, _ = flatten_state_dict(value)
+    return {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in flat.items()}
+
+
+def _saved_shape(md: Any) -> tuple[int, ...] | None:
+    return tuple(md.size) if isinstance(md, TensorStorageMetadata) else None
 
 
 def _show(keys: list[str]) -> str:

@@ -40,8 +40,9 @@ class Numbers(Dataset):
         return self.x[i], self.y[i], i
 
 
-def state_digest(model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
-    """Collective under fsdp/hsdp: the whole state is gathered to rank 0, which hashes it for every rank."""
+def state_digests(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[str, str]:
+    """Collective: digests of the model's weights and of the whole state (weights and optimizer); under
+    fsdp/hsdp the state is gathered to rank 0, which hashes it for every rank."""
     model_state: dict[str, Any]
     optim_state: dict[Any, Any]
     if is_sharded(model):
@@ -52,10 +53,13 @@ def state_digest(model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
     h = hashlib.sha256()
     for name, t in sorted(model_state.items()):
         h.update(name.encode() + t.detach().cpu().numpy().tobytes())
+    weights = h.hexdigest()
+    h = hashlib.sha256(weights.encode())
     for i, st in sorted(optim_state.items()):
         for k, v in sorted(st.items()):
             h.update(f"{i}{k}".encode() + (v.cpu().numpy().tobytes() if torch.is_tensor(v) else str(v).encode()))
-    return ig.runtime().broadcast_object(h.hexdigest() if model_state or not is_sharded(model) else None)
+    digests = (weights, h.hexdigest()) if model_state or not is_sharded(model) else None
+    return ig.runtime().broadcast_object(digests)
 
 
 def main(args):
@@ -85,6 +89,11 @@ def main(args):
 
     def train_step(engine, batch):
         x, y, idx = batch
+        if not seen:  # where this process starts (every rank's first step): weights, step, learning rate
+            weights, _ = state_digests(model, optimizer)
+            with open(os.path.join(args.report_dir, f"start_rank{rt.rank}_{os.getpid()}.json"), "w") as f:
+                json.dump({"model_digest": weights, "step": engine.state.step,
+                           "lr": optimizer.param_groups[0]["lr"], "optimizer_state": len(optimizer.state)}, f)
         seen.extend(idx.tolist())
         engine_scaler[0] = engine.stepper.scaler
         model.train()
@@ -115,7 +124,8 @@ def main(args):
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     with open(os.path.join(args.report_dir, f"rank{rt.rank}_attempt{attempt}_{os.getpid()}.json"), "w") as f:
         scaler = engine_scaler[0]
-        json.dump({"digest": state_digest(model, optimizer), "seen": seen, "metrics": metrics,
+        weights, whole = state_digests(model, optimizer)
+        json.dump({"digest": whole, "model_digest": weights, "seen": seen, "metrics": metrics,
                    "compute_dtypes": sorted(compute_dtypes),
                    "scaler": scaler.state_dict() if scaler is not None else None}, f)
 
