@@ -340,8 +340,9 @@ class Engine:
         if self.checkpoints is not None:
             self.checkpoints.wait()
             if self.runtime.is_main:
-                print(f"igniter-dist: saved step {self.state.step} in {time.perf_counter() - start:.2f} s after "
-                      f"{signal.Signals(signum).name}", file=sys.stderr, flush=True)
+                print(f"igniter-dist: saved step {self.state.step} to {self.checkpoints.url_of(self.state.step)} in "
+                      f"{time.perf_counter() - start:.2f} s after {signal.Signals(signum).name}",
+                      file=sys.stderr, flush=True)
         self.sinks.flush()
         raise Interrupted(signum)
 

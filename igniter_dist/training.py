@@ -212,7 +212,7 @@ def _assemble(rt: Runtime, to_save: Mapping[str, Any], train_spec: RunSpec,
     checkpoint_dir, checks = o.checkpoint_dir, None
     if o.debug:
         schedule, checkpoint_dir, checks = _debug_mode(rt, to_save, train_loop, evaluators, o.output_dir)
-    sinks = _sinks(rt, o.output_dir, o.console, o.mlflow)
+    sinks = _sinks(rt, o.output_dir, o.console, o.mlflow, summary_of=o.keep_best or "")
     checkpoints = _checkpoints(rt, checkpoint_dir, o, params)
     check_writable(rt, checkpoint_dir=checkpoints.url if checkpoints else None, output_dir=o.output_dir,
                    model_dir=_model_dir(o))  # collective: before the first step, not at the first save
@@ -320,10 +320,14 @@ def _is_loader(obj: Any) -> TypeGuard[torch.utils.data.DataLoader[Any]]:
     return isinstance(obj, torch.utils.data.DataLoader)
 
 
-def _sinks(rt: Runtime, output_dir: str | None, console: bool, mlflow: MlflowConfig | None) -> Sink:
+def _sinks(rt: Runtime, output_dir: str | None, console: bool, mlflow: MlflowConfig | None, *,
+           summary_of: str | None = None) -> Sink:
+    """The run's sinks; a training run (`summary_of` set, "" without --keep-best) ends with a summary."""
+    from .checkpoint.retention import parse_keep_best
     from .tracking.factory import build_sinks
 
-    return build_sinks(rt, output_dir=output_dir, console=console, mlflow=mlflow)
+    return build_sinks(rt, output_dir=output_dir, console=console, mlflow=mlflow, summary=summary_of is not None,
+                       best=parse_keep_best(summary_of))
 
 
 def _checkpoints(rt: Runtime, checkpoint_dir: str | None, o: TrainOptions,

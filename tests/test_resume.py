@@ -136,7 +136,8 @@ def test_time_based_saves_happen_mid_epoch(tmp_path):
 def test_emergency_save_reports_its_duration(tmp_path):
     result = python(PROBE, probe_args(tmp_path, "a", "--interrupt-at", "4"))
     assert result.returncode == 143
-    assert re.search(r"saved step 4 in [0-9.]+ s after SIGTERM", result.stderr), result.stderr[-2000:]
+    saved = re.escape(f"saved step 4 to {tmp_path / 'ckpt' / 'step_0000000004'} in ")
+    assert re.search(saved + r"[0-9.]+ s after SIGTERM\n", result.stderr), result.stderr[-2000:]
 
 
 def test_default_agreement_interval_still_stops_mid_epoch_and_resumes_bitwise(tmp_path):

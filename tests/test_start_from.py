@@ -2,15 +2,18 @@
 run's own latest checkpoint winning over both once it exists, so a restart never loses progress."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
+from igniter_dist.tracking.console import format_value
 from launch import ROOT, check, python, torchrun
 
 PROBE = ROOT / "tests" / "workers" / "resume_probe.py"
 STEP_6, STEP_12 = "step_0000000006", "step_0000000012"
+WALL = r"(?:[0-9.]+ s|[0-9]+ min [0-9]{2} s)"  # the wall time in the closing summary
 
 
 def args(tmp: Path, run: str, *extra: str) -> list[str]:
@@ -48,6 +51,15 @@ def test_resume_from_another_runs_step_continues_there_exactly(source):
     assert [r["step"] for r in reports(tmp / "b" / "r", "start")] == [6, 6]
     ends = final(tmp / "b" / "r")
     assert {r["digest"] for r in ends} == {a["digest"]}  # as if never stopped
+    # The closing summary, from rank 0 alone.
+    loss = format_value(ends[0]["metrics"]["eval/loss"])
+    assert re.search(re.escape("igniter-dist: finished in ") + WALL + re.escape(
+        " at step 12, 6 in this run, epoch 2/2\n"
+        f"  last evaluation: eval/loss {loss}\n"
+        f"  best eval/loss: {loss} at step 12\n"
+        f"  model: {tmp / 'b' / 'out' / 'model' / 'model.pt'}\n"
+        f"  latest checkpoint: {tmp / 'b' / 'ckpt' / STEP_12}\n"), b.stderr), b.stderr[-3000:]
+    assert b.stderr.count("igniter-dist: finished in") == 1
     assert (tmp / "b" / "ckpt" / STEP_12 / "manifest.json").exists()  # saves go to its own folder
     # The flags that differ from the step's, once, from rank 0, with what wins.
     assert (
@@ -88,6 +100,10 @@ def test_init_from_a_step_folder_loads_the_weights_alone_and_a_restart_keeps_its
         p.unlink()
     (saved,) = [int(p.parent.name[5:]) for p in (tmp / "c" / "ckpt").glob("step_*/manifest.json")]
     assert 3 <= saved <= 5  # the agreement lags the signal by one or two steps
+    url = f"{tmp / 'c' / 'ckpt'}/step_{saved:010d}"
+    assert f"igniter-dist: saved step {saved} to {url} in " in first.stderr
+    assert re.search(re.escape("igniter-dist: stopped in ") + WALL + re.escape(
+        f" at step {saved}, epoch 1/1\n  latest checkpoint: {url}\n"), first.stderr), first.stderr[-3000:]
 
     again = check(torchrun(PROBE, command))  # the same command again, as a scheduler would rerun it
     assert f"igniter-dist: --init-from {step12} is ignored" in again.stderr

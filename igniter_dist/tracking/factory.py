@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,6 +13,10 @@ from .. import sagemaker
 from ..errors import ConfigError
 from ..runtime import Runtime
 from .base import NullSink, Sink, Sinks
+from .summary import SummarySink
+
+if TYPE_CHECKING:
+    from ..checkpoint.retention import KeepBest
 
 
 @dataclass(frozen=True)
@@ -57,8 +62,10 @@ class MlflowConfig:
 
 
 def build_sinks(runtime: Runtime, *, output_dir: str | None, console: bool = True,
-                mlflow: MlflowConfig | None = None) -> Sink:
+                mlflow: MlflowConfig | None = None, summary: bool = False, best: KeepBest | None = None) -> Sink:
     """The sinks of this process: `Sinks([...])` on rank 0, `NullSink()` on every other rank.
+
+    With `console` and `summary`, the run ends with a closing summary that reports `best`'s best value.
 
     Raises:
         ConfigError: `output_dir` is a URL, or MLflow is enabled without the mlflow package.
@@ -94,7 +101,10 @@ def build_sinks(runtime: Runtime, *, output_dir: str | None, console: bool = Tru
             output_dir=output_dir,
             history=files.paths if files is not None else None,
         ))
-    return Sinks(sinks)
+    fan_out = Sinks(sinks)
+    if console and summary:
+        sinks.append(SummarySink(fan_out, best))  # last: it closes after MLflow has its run id and final say
+    return fan_out
 
 
 def run_tags(runtime: Runtime) -> dict[str, str]:
