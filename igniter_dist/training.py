@@ -131,6 +131,17 @@ def train(
     Collective: every rank calls it. Resumes from the latest committed checkpoint in
     `checkpoint_dir` (default `<output_dir>/checkpoints`; "none" disables checkpoints) when `resume`.
     `ig.train_kwargs(args)` gives every keyword that has a flag.
+
+    Args:
+        to_save: What a checkpoint holds, by name: the model (prepared with `ig.prepare`; the first
+            `nn.Module` is the one exported to the model dir), optimizers, schedulers and anything with
+            `state_dict()`/`load_state_dict()`.
+        train_spec: The training step function, its loader and the metrics to log as `train/...`.
+        eval_spec: One evaluator (metrics logged as `eval/...`), several by name (`<name>/...`), or None to
+            train without evaluating.
+
+    Returns:
+        The final metrics, as floats, the same on every rank.
     """
     o, step_options = from_keywords("ig.train", options, TrainOptions, StepOptions)
     rt = runtime()

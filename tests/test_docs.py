@@ -127,6 +127,17 @@ def test_every_code_block_is_marked():
                           "use ```text for output:\n  " + "\n  ".join(unmarked))
 
 
+# What a code block of the site shows without a scroll bar (Furo's column at its default width).
+# Output (```text) is exempt: an error message or a log line is shown as the program writes it.
+MAX_CODE_LINE = 100
+
+
+def test_code_lines_are_short_enough_not_to_scroll():
+    long = [f"{b.where}+{i}: {len(line)} characters" for b in ALL_BLOCKS if b.lang not in EXEMPT
+            for i, line in enumerate(b.code.splitlines(), 1) if len(line) > MAX_CODE_LINE]
+    assert not long, f"code lines over {MAX_CODE_LINE} characters; wrap them:\n  " + "\n  ".join(long)
+
+
 def test_markers_are_well_formed():
     bad = []
     for b in ALL_BLOCKS:
@@ -296,7 +307,12 @@ def test_site_builds_without_warnings(tmp_path):
                         str(tmp_path / "html")], capture_output=True, text=True, timeout=600,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, f"sphinx-build failed:\n{r.stdout[-4000:]}\n{r.stderr[-8000:]}"
-    assert (tmp_path / "html" / "reference" / "flags.html").exists()
+    html = tmp_path / "html"
+    index = (html / "index.html").read_text()
+    body = index[index.index("<article"):index.index("</article>")]
+    assert "toctree-l1" not in body and "toctree-l1" in index  # the sidebar lists the pages, the page does not
+    flags = (html / "reference" / "flags.html").read_text()
+    assert "highlight-text" in flags and "highlight-python" not in flags  # the usage block is not Python
 
 
 def test_api_page_documents_every_public_name():

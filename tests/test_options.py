@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 
 import pytest
 import torch
@@ -44,6 +45,13 @@ def test_train_keeps_every_keyword_with_its_default():
         assert params[name].kind is inspect.Parameter.KEYWORD_ONLY
         assert params[name].default == (Every(1) if name in ("eval_every", "save_every") else default), name
     assert "Flag: ``--max-epochs``" in (ig.train.__doc__ or "")
+
+
+def test_the_api_reference_describes_every_parameter_of_train():
+    doc = ig.train.__doc__ or ""
+    for name in inspect.signature(ig.train).parameters:
+        if name != "options":
+            assert re.search(rf"^    {name}( \(.*\))?: \S", doc, re.M), name
 
 
 def test_train_kwargs_are_the_flags_of_the_train_and_step_options():
