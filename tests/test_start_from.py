@@ -116,9 +116,10 @@ def test_init_from_a_step_folder_loads_the_weights_alone_and_a_restart_keeps_its
 def test_init_from_a_model_file_gives_the_same_start(source, name):
     tmp, a = source
     run = name.replace(".", "_")
-    check(python(PROBE, args(tmp, run, "--init-from", str(tmp / "a" / "out" / "model" / name), "--max-epochs", "1",
-                             "--epoch-length", "1", "--checkpoint-dir", "none")))
-    assert [(r["model_digest"], r["step"]) for r in reports(tmp / run / "r", "start")] == [(a["model_digest"], 0)]
+    check(torchrun(PROBE, args(tmp, run, "--init-from", str(tmp / "a" / "out" / "model" / name), "--max-epochs",
+                               "1", "--epoch-length", "1", "--checkpoint-dir", "none", "--learning-rate", "0.05")))
+    assert [(r["model_digest"], r["step"], r["lr"], r["optimizer_state"]) for r in reports(tmp / run / "r", "start")] \
+        == [(a["model_digest"], 0, 0.05, 0)] * 2  # on both ranks: A's final weights, a fresh optimizer
 
 
 def test_bad_starting_points_are_one_sentence_and_harm_nothing(source):
