@@ -52,10 +52,12 @@ def test_resume_from_another_runs_step_continues_there_exactly(source):
     ends = final(tmp / "b" / "r")
     assert {r["digest"] for r in ends} == {a["digest"]}  # as if never stopped
     # The closing summary, from rank 0 alone.
-    loss = format_value(ends[0]["metrics"]["eval/loss"])
+    metrics = ends[0]["metrics"]
+    loss = format_value(metrics["eval/loss"])
+    evaluation = " ".join(f"{k} {format_value(metrics[k])}" for k in ("eval/loss", "eval/index", "eval/count"))
     assert re.search(re.escape("igniter-dist: finished in ") + WALL + re.escape(
         " at step 12, 6 in this run, epoch 2/2\n"
-        f"  last evaluation: eval/loss {loss}\n"
+        f"  last evaluation: {evaluation}\n"
         f"  best eval/loss: {loss} at step 12\n"
         f"  model: {tmp / 'b' / 'out' / 'model' / 'model.pt'}\n"
         f"  latest checkpoint: {tmp / 'b' / 'ckpt' / STEP_12}\n"), b.stderr), b.stderr[-3000:]
