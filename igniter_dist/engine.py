@@ -336,6 +336,7 @@ class Engine:
     def _emergency_save(self, signum: int) -> None:
         """Collective: save the agreed step, say how long it took (launchers kill after a grace period)."""
         start = time.perf_counter()
+        self.sinks.progress(self._progress())  # where the run stopped, for sinks that are not live
         self._save()
         if self.checkpoints is not None:
             self.checkpoints.wait()

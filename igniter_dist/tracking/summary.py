@@ -24,6 +24,7 @@ class SummarySink:
     """
 
     run_id: str | None = None
+    live = False  # the step comes with each log call and with the stop on a signal
 
     def __init__(self, tracking: Sink, best: KeepBest | None = None, stream: TextIO | None = None):
         self._tracking = tracking
