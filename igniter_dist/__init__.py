@@ -5,6 +5,7 @@ DDP, sharded data, exact metrics across ranks, sharded checkpoints on any fsspec
 """
 
 from .args import parser_for_docs, train_kwargs
+from .data import shard_iterable
 from .engine import Engine
 from .errors import CheckpointError, ConfigError, IgniterError, StepOutputError
 from .main import igniter_main
@@ -22,5 +23,5 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError", "ConfigError", "Engine", "Every", "IgniterError", "Interrupted", "Metric", "RunSpec",
     "Runtime", "SchedulerSpec", "StepOptions", "StepOutputError", "evaluate", "igniter_main", "parser_for_docs",
-    "prepare", "runtime", "supervised_eval_step", "supervised_step", "train", "train_kwargs",
+    "prepare", "runtime", "shard_iterable", "supervised_eval_step", "supervised_step", "train", "train_kwargs",
 ]

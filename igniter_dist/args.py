@@ -20,7 +20,7 @@ from .runtime import RuntimeOptions
 from .steps import StepOptions
 from .tracking.factory import MlflowConfig
 from .tracking.flags import MlflowFlags
-from .training import TrainOptions
+from .training import CLI_MAX_EPOCHS, TrainOptions
 from .values import non_negative_int, positive_float, positive_int
 from .wrapping import PrepareOptions
 
@@ -82,5 +82,12 @@ def parser_for_docs() -> argparse.ArgumentParser:
 
 
 def train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The engine's keyword arguments out of parsed flags, for `ig.train(**train_kwargs(args))`."""
-    return {**flag_values(args, TrainOptions), **flag_values(args, StepOptions), "mlflow": MlflowConfig.from_args(args)}
+    """The engine's keyword arguments out of parsed flags, for `ig.train(**train_kwargs(args))`.
+
+    The command line trains CLI_MAX_EPOCHS epochs unless --max-epochs or --max-steps says otherwise.
+    """
+    kwargs = {**flag_values(args, TrainOptions), **flag_values(args, StepOptions),
+              "mlflow": MlflowConfig.from_args(args)}
+    if kwargs.get("max_epochs") is None and kwargs.get("max_steps") is None:
+        kwargs["max_epochs"] = CLI_MAX_EPOCHS
+    return kwargs

@@ -1,15 +1,20 @@
-"""Sharded, resumable sampling: the user's plain DataLoader rebuilt so each rank reads its own shard.
+"""Sharded, resumable data: the user's plain DataLoader rebuilt so each rank reads its own shard, and
+the pieces streams need to shard themselves and keep their position.
 
 Training: one global permutation per epoch (from the seed), cut into strided per-rank shards and
 padded by wrapping so every rank runs the same number of steps; it can start at any global sample
 position without reading what it skips. Evaluation: every sample exactly once, no padding.
+Streams (an IterableDataset, or any loader without a length) cannot be rebuilt: they shard
+themselves with `shard_iterable`, and keep their position with `state_dict()`/`load_state_dict()`.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Sized
+from collections.abc import Iterable, Iterator, Sized
+from itertools import islice
+from typing import Any, TypeVar
 
 import torch
 from torch.utils.data import (
@@ -19,9 +24,13 @@ from torch.utils.data import (
     RandomSampler,
     Sampler,
     SequentialSampler,
+    get_worker_info,
 )
 
 from .errors import ConfigError
+from .runtime import rank_and_world_size
+
+T = TypeVar("T")
 
 
 class ShardedSampler(Sampler[int]):
@@ -163,3 +172,56 @@ def seed_workers(loader: DataLoader, seed: int, epoch: int, rank: int) -> None:
     """
     if loader.generator is not None:
         loader.generator.manual_seed((seed * 1_000_003 + epoch) * 65_537 + rank)
+
+
+def shard_iterable(iterable: Iterable[T], *, rank: int | None = None, world_size: int | None = None) -> Iterator[T]:
+    """This rank's and this DataLoader worker's share of `iterable`: every N-th item, N the readers in all.
+
+    Call it in an IterableDataset's `__iter__`, over shard files, records or indices. With W loader
+    workers per rank there are `world_size * W` readers; reader `rank * W + worker` takes items
+    `reader, reader + N, ...`, the same ones in every run. `rank` and `world_size` default to this
+    process's (read without starting anything, so it works in a worker process too).
+    """
+    if rank is None or world_size is None:
+        own_rank, own_world = rank_and_world_size()
+        rank = own_rank if rank is None else rank
+        world_size = own_world if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"shard_iterable got rank {rank} of world_size {world_size}; the rank must be from 0 to "
+                          f"{world_size - 1}.")
+    info = get_worker_info()
+    workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+    return islice(iterable, rank * workers + worker, None, world_size * workers)
+
+
+def is_stream(loader: Iterable[Any]) -> bool:
+    """A loader of unknown length: its dataset is an IterableDataset, or it has no len()."""
+    if isinstance(getattr(loader, "dataset", None), IterableDataset) or not isinstance(loader, Sized):
+        return True
+    try:
+        len(loader)
+    except TypeError:  # a DataLoader over a dataset without __len__
+        return True
+    return False
+
+
+def stream_position(loader: Iterable[Any]) -> Any:
+    """What keeps a stream's position, with state_dict()/load_state_dict(): the loader itself (torchdata's
+    StatefulDataLoader, any such iterable), else its dataset when read in this process; None if nothing."""
+    if _stateful(loader):
+        return loader
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None or not _stateful(dataset):
+        return None
+    workers = getattr(loader, "num_workers", 0)
+    if workers:
+        raise ConfigError(
+            f"The training dataset {type(dataset).__name__} keeps its position (state_dict) but its DataLoader "
+            f"reads it in {workers} worker processes, where that position moves out of reach; use torchdata's "
+            "StatefulDataLoader (which saves every worker's), or num_workers=0."
+        )
+    return dataset
+
+
+def _stateful(obj: Any) -> bool:
+    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))

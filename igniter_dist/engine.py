@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .data import ShardedSampler, seed_workers, train_sampler
+from .data import ShardedSampler, is_stream, seed_workers, train_sampler
 from .errors import ConfigError, StepOutputError
 from .metrics import MetricSet
 from .parallel import is_sharded, reshard
@@ -30,6 +30,7 @@ from .schedule import Schedule
 from .signals import Interrupted, StopFlag
 from .spec import RunSpec
 from .steps import GradientStepper, SchedulerSpec, StepOptions
+from .streams import Stream
 from .tracking.base import NullSink, Progress, Sink
 from .wrapping import sync_buffers
 
@@ -44,6 +45,7 @@ class EngineState:
     step: int = 0  # training iterations done, over all epochs
     epoch: int = 0  # epochs completed
     iteration: int = 0  # iterations done in the current epoch
+    optimizer_step: int = 0  # accumulation windows closed: what --max-steps counts, as Lightning does
 
 
 @dataclass
@@ -79,6 +81,8 @@ class Engine:
         self.stepper = GradientStepper(step_options or StepOptions(), runtime, self.modules, optimizers)
         self.sharded_modules = [m for m in self.modules if is_sharded(m)]
         self.schedulers = [s for s in self.to_save.values() if isinstance(s, SchedulerSpec)]
+        self.stream = (Stream(train.loader, runtime, seed=seed, group=self.stop.group) if is_stream(train.loader)
+                       else None)
         self.debug = debug  # replica agreement and a checkpoint round trip
         self.state = EngineState()
         self.metrics: dict[str, float] = {}  # the latest value of every logged metric
@@ -87,32 +91,45 @@ class Engine:
         self._logged_step = -1
         self._resume_position: int | None = None
         self._empty_warned: set[str] = set()  # evaluators already reported as having no samples
+        self._cut_by_steps = False  # whether this epoch's batches end at --max-steps, before the epoch's end
 
     # ---------------------------------------------------------------- the loop
 
     def run(self) -> dict[str, float]:
-        """Train to `max_epochs` (evaluating, logging and saving on schedule); returns the final metrics."""
+        """Train to `max_epochs` or `max_steps` (evaluating, logging and saving on schedule); returns the final
+        metrics."""
         self._step_times.start(self.state.step)
         # Sinks get the loop's position every step only while a bar is live; else where a line prints,
         # and at the first step, from which the console's rate counts.
         first, live, log_every = self.state.step + 1, self.sinks.live, self.schedule.log_every
-        while self.state.epoch < self.schedule.max_epochs:
+        if self.stream is not None and not self._finished():
+            self.stream.resume(self.state.step, self.state.iteration)  # collective once, when resumed
+        while not self.schedule.done(self.state.epoch, self.state.optimizer_step):
+            start, fresh = self.state.step, self.state.iteration == 0
             for batch in self._train_batches():
                 output = self._train_step(batch)
                 self.train_loop.metrics.update(output, batch_size(batch))
                 self.state.step += 1
                 self.state.iteration += 1
+                self.state.optimizer_step += self.stepper.boundary
                 if live or self.state.step == first or self.state.step % log_every == 0:
                     self.sinks.progress(self._progress())
                 signum, save_due = self.stop.poll(self._time_to_save())  # collective, overlapped
                 if signum:
                     self._emergency_save(signum)
                 self._after_step(save_due)
+            if fresh and self.state.step == start:
+                # Every rank knows it (a stream's end is agreed, sized loaders pad), so every rank raises.
+                raise ConfigError(f"The training loader gave no batch in epoch {self.state.epoch + 1} (on at least "
+                                  "one rank), so no step can run; check the dataset, and that ig.shard_iterable "
+                                  "leaves every rank a share.")
             if not live:
                 self.sinks.progress(self._progress())  # the epoch's end prints a line
-            self.state.epoch += 1
-            self.state.iteration = 0
-            self._after_epoch()
+            ended = not (self._cut_by_steps and self._finished())
+            if ended:
+                self.state.epoch += 1
+                self.state.iteration = 0
+            self._after_epoch(ended)
         self.stop.drain()
         # Metrics are global already; the clock-based rates are rank 0's, so every rank returns the same.
         return self.runtime.broadcast_object(dict(self.metrics))
@@ -125,28 +142,48 @@ class Engine:
             self.debug.after_step(self)
         if s.step % sched.log_every == 0:
             self._log_train()
+        if self._cut_by_steps and self._finished():
+            return  # the last step of --max-steps: the run's end evaluates and saves it, once
         if sched.eval_every.due(s.step, s.epoch, epoch_ended=False):
             self.evaluate()
         if save_due or sched.save_every.due(s.step, s.epoch, epoch_ended=False):
             self._save()
 
-    def _after_epoch(self) -> None:
+    def _after_epoch(self, ended: bool) -> None:
+        """After an epoch's last batch, or the last step of --max-steps in mid-epoch (`ended` False)."""
         s, sched = self.state, self.schedule
-        self._step_schedulers("epoch")
+        if ended:
+            self._step_schedulers("epoch")
         self._log_train(epoch_end=True)
-        last = s.epoch == sched.max_epochs
-        if sched.eval_every.due(s.step, s.epoch, epoch_ended=True) or (last and self.evaluators):
+        last = self._finished()
+        if (ended and sched.eval_every.due(s.step, s.epoch, epoch_ended=True)) or (last and self.evaluators):
             self.evaluate()
-        if last or sched.save_every.due(s.step, s.epoch, epoch_ended=True):
+        if last or (ended and sched.save_every.due(s.step, s.epoch, epoch_ended=True)):
             self._save()
+
+    def _finished(self) -> bool:
+        return self.schedule.done(self.state.epoch, self.state.optimizer_step)
 
     # ---------------------------------------------------------------- steps and batches
 
     def _train_batches(self) -> Iterator[Any]:
-        loop, s, rt = self.train_loop, self.state, self.runtime
+        """This epoch's batches on the device: to the epoch's end, or to the last step of --max-steps."""
+        loop, s = self.train_loop, self.state
+        remaining = None if loop.epoch_length is None else loop.epoch_length - s.iteration
+        batches: Iterator[Any] | None = None
+        if self.stream is None:
+            batches, remaining = self._sized_epoch(remaining)
+        to_max_steps = self._batches_to_max_steps()
+        self._cut_by_steps = to_max_steps is not None and (remaining is None or to_max_steps < remaining)
+        limit = to_max_steps if self._cut_by_steps else remaining
+        batches = self.stream.batches(limit) if self.stream is not None else islice(batches or iter(()), limit)
+        return map(to_device, batches, repeat(self.runtime.device))  # no generator frame before the loop
+
+    def _sized_epoch(self, remaining: int | None) -> tuple[Iterator[Any], int | None]:
+        """A sized loader's epoch from the current iteration, and how many batches are left in it."""
+        loop, s = self.train_loop, self.state
         sampler = train_sampler(loop.loader)
         skip = 0
-        remaining = None if loop.epoch_length is None else loop.epoch_length - s.iteration
         if isinstance(sampler, ShardedSampler):  # start mid-epoch without reading skipped samples
             position = self._position()
             if self._resume_position is not None:  # saved by another world size: same global order
@@ -157,9 +194,15 @@ class Engine:
             if sampler is not None:
                 sampler.set_epoch(s.epoch)
             skip = s.iteration  # cannot seek: read and drop what was trained on
-        seed_workers(loop.loader, self.seed, s.epoch, rt.rank)
-        batches = islice(iter(loop.loader), skip, None if remaining is None else skip + remaining)
-        return map(to_device, batches, repeat(rt.device))  # no generator frame between the loader and the loop
+        seed_workers(loop.loader, self.seed, s.epoch, self.runtime.rank)
+        return islice(iter(loop.loader), skip, None), remaining
+
+    def _batches_to_max_steps(self) -> int | None:
+        """Batches until the last optimizer step of --max-steps (accumulation windows start with the epoch)."""
+        if self.schedule.max_steps is None:
+            return None
+        k = self.stepper.options.accumulate_grad_batches
+        return max(0, (self.schedule.max_steps - self.state.optimizer_step) * k - self.state.iteration % k)
 
     def _train_step(self, batch: Any) -> Mapping[str, Any]:
         if self.stepper.plain:
@@ -350,7 +393,8 @@ class Engine:
     def _progress(self) -> Progress:
         s = self.state
         return Progress(step=s.step, epoch=s.epoch + 1, iteration=s.iteration,
-                        epoch_length=self.train_loop.epoch_length, max_epochs=self.schedule.max_epochs)
+                        epoch_length=self.train_loop.epoch_length, max_epochs=self.schedule.max_epochs,
+                        optimizer_step=s.optimizer_step, max_steps=self.schedule.max_steps)
 
     # ---------------------------------------------------------------- resumable state
 
@@ -367,17 +411,27 @@ class Engine:
         shared = {**self.to_save, "engine": self}
         if self.stepper.scaler is not None:  # 16-mixed: the loss scale must survive a resume
             shared["grad_scaler"] = self.stepper.scaler
-        return RunState(shared=shared, per_rank=RankState(self.train_loop.metrics))
+        return RunState(shared=shared, per_rank=RankState(self.train_loop.metrics, self.stream))
 
     def state_dict(self) -> dict[str, Any]:
         """The loop's counters and latest metrics (the "engine" entry of a checkpoint)."""
         return {**asdict(self.state), "position": self._position(), "world_size": self.runtime.world_size,
-                "metrics": dict(self.metrics)}
+                "metrics": dict(self.metrics),
+                "stream_positions": self.stream is not None and self.stream.position is not None}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.state = EngineState(step=int(state["step"]), epoch=int(state["epoch"]), iteration=int(state["iteration"]))
+        saved_world_size = int(state.get("world_size", self.runtime.world_size))
+        if saved_world_size != self.runtime.world_size and state.get("stream_positions"):
+            raise ConfigError(
+                f"This checkpoint holds the training stream's position on each of its {saved_world_size} ranks, "
+                f"which cannot be shared out over {self.runtime.world_size}; resume it with {saved_world_size} "
+                "ranks, or start a new run in another --checkpoint-dir."
+            )
+        step = int(state["step"])
+        self.state = EngineState(step=step, epoch=int(state["epoch"]), iteration=int(state["iteration"]),
+                                 optimizer_step=int(state.get("optimizer_step", step)))
         self.metrics = {k: float(v) for k, v in dict(state.get("metrics", {})).items()}
-        if int(state.get("world_size", self.runtime.world_size)) != self.runtime.world_size:
+        if saved_world_size != self.runtime.world_size:
             self._resume_position = int(state.get("position", 0))
 
 

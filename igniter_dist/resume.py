@@ -2,8 +2,8 @@
 which saves and restores it through the checkpoint manager.
 
 What goes where: the user's `to_save` objects, the engine's counters and the loss scaler are shared
-state; this rank's RNG streams and training metric accumulators differ by rank and go under
-rank-unique keys; arguments, the tracking run id and versions go in the manifest that commits
+state; this rank's RNG streams, training metric accumulators and training stream position differ
+by rank and go under rank-unique keys; arguments, the tracking run id and versions go in the manifest that commits
 the checkpoint. Everything reaches the manager through `state_dict()`/`load_state_dict()`.
 """
 
@@ -37,17 +37,24 @@ class RunState:
 
 
 class RankState:
-    """This rank's own resumable state: its RNG streams and the training metrics' partial sums."""
+    """This rank's own resumable state: its RNG streams, the training metrics' partial sums and, for a
+    training stream, its position (see streams.Stream)."""
 
-    def __init__(self, train_metrics: MetricSet):
+    def __init__(self, train_metrics: MetricSet, stream: Stateful | None = None):
         self.train_metrics = train_metrics
+        self.stream = stream
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": get_rng_state(), "train_metrics": self.train_metrics.state_dict()}
+        state = {"rng": get_rng_state(), "train_metrics": self.train_metrics.state_dict()}
+        if self.stream is not None:
+            state["stream"] = self.stream.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         set_rng_state(state["rng"])
         self.train_metrics.load_state_dict(state["train_metrics"])
+        if self.stream is not None and "stream" in state:  # checkpoints before streams kept no position
+            self.stream.load_state_dict(state["stream"])
 
 
 @dataclass(frozen=True)

@@ -230,6 +230,14 @@ def runtime_was_distributed() -> bool:
     return _current is not None and _current.distributed
 
 
+def rank_and_world_size() -> tuple[int, int]:
+    """This process's rank and world size without starting anything: the runtime's, else the launcher's
+    variables (a DataLoader worker started by spawn has no runtime, and must never start a process group)."""
+    if _current is not None:
+        return _current.rank, _current.world_size
+    return _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+
+
 def runtime() -> Runtime:
     """The facts of this process; starts a runtime with defaults when `igniter_main` has not."""
     return _current if _current is not None else init_runtime()

@@ -45,10 +45,20 @@ def parse_every(value: str | int | Every) -> Every:
 
 @dataclass(frozen=True)
 class Schedule:
-    """What the loop does when: the epochs to train, and when to log, evaluate and save."""
+    """What the loop does when: how long to train, and when to log, evaluate and save.
 
-    max_epochs: int = 1
+    Training ends at `max_epochs` epochs or `max_steps` optimizer steps, whichever comes first;
+    None means no limit of that kind (at least one is set).
+    """
+
+    max_epochs: int | None = 1
+    max_steps: int | None = None
     log_every: int = 50
     eval_every: Every = field(default_factory=lambda: Every(1))
     save_every: Every = field(default_factory=lambda: Every(1))
     save_every_minutes: float | None = None
+
+    def done(self, epoch: int, optimizer_step: int) -> bool:
+        """Pure predicate: has a run that completed `epoch` epochs and `optimizer_step` steps finished?"""
+        return ((self.max_epochs is not None and epoch >= self.max_epochs)
+                or (self.max_steps is not None and optimizer_step >= self.max_steps))

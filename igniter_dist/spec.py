@@ -25,20 +25,21 @@ class RunSpec:
 
     `metrics` maps a metric name to a step output key (its global, sample-weighted mean), an
     `ig.Metric` wrapping a torchmetrics metric, or a callable `fn(outputs) -> tensor` averaged
-    like a key. `max_epochs` and `epoch_length` apply to training; `epoch_length` caps the
-    iterations of an epoch (default: one pass over the loader).
+    like a key. `max_epochs` and `epoch_length` apply to training; `max_epochs` defaults to 1, or
+    to no limit when `ig.train` gets `max_steps`; `epoch_length` caps the iterations of an epoch
+    (default: one pass over the loader).
     """
 
     step: StepFn
     loader: Iterable[Any]
     metrics: dict[str, MetricSpec] | None = None
-    max_epochs: int = 1
+    max_epochs: int | None = None
     epoch_length: int | None = None
 
     def __post_init__(self) -> None:
         if not callable(self.step):
             raise ConfigError(f"RunSpec.step must be a function step(engine, batch), got {type(self.step).__name__}.")
-        if self.max_epochs < 1:
+        if self.max_epochs is not None and self.max_epochs < 1:
             raise ConfigError(f"RunSpec.max_epochs must be at least 1, got {self.max_epochs}.")
         if self.epoch_length is not None and self.epoch_length < 1:
             raise ConfigError(f"RunSpec.epoch_length must be at least 1, got {self.epoch_length}.")

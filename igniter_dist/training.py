@@ -38,13 +38,21 @@ if TYPE_CHECKING:
     from .tracking.factory import MlflowConfig
 
 
+CLI_MAX_EPOCHS = 10  # the command line's epochs when neither --max-epochs nor --max-steps is given
+
+
 @dataclass(frozen=True)
 class TrainOptions(Options):
     """The keywords of `ig.train` besides its `StepOptions`; most are also standard flags."""
 
     max_epochs: int | None = option(
-        None, group="training", parse=positive_int, cli_default=10,
-        help="Epochs to train; raise it on resume to extend a run.")
+        None, group="training", parse=positive_int,
+        help=f"Epochs to train (default: {CLI_MAX_EPOCHS}, or no limit when --max-steps is given); raise it on "
+             "resume to extend a run.")
+    max_steps: int | None = option(
+        None, group="training", parse=positive_int,
+        help="Optimizer steps to train (one per --accumulate-grad-batches batches), even mid-epoch; with "
+             "--max-epochs too, whichever comes first. Raise it on resume to extend a run.")
     epoch_length: int | None = option(
         None, group="training", parse=positive_int,
         help="Iterations per epoch (default: one pass over the training loader).")
@@ -214,12 +222,12 @@ def _assemble(rt: Runtime, to_save: Mapping[str, Any], train_spec: RunSpec,
               params: dict[str, Any]) -> Engine:
     """Collective: the engine and its collaborators (sharded loops, schedule, sinks, checkpoints, stop flag)."""
     spec = replace(train_spec,  # a copy: the user's RunSpec stays as given
-                   max_epochs=train_spec.max_epochs if o.max_epochs is None else o.max_epochs,
+                   max_epochs=_max_epochs(o, train_spec),
                    epoch_length=train_spec.epoch_length if o.epoch_length is None else o.epoch_length)
     train_loop = _train_loop(spec, rt, o.seed)
     evaluators = {name: _eval_loop(name, s, rt) for name, s in _named(eval_spec).items()}
-    schedule = Schedule(max_epochs=spec.max_epochs, log_every=o.log_every, eval_every=o.eval_every,
-                        save_every=o.save_every, save_every_minutes=o.save_every_minutes)
+    schedule = Schedule(max_epochs=spec.max_epochs, max_steps=o.max_steps, log_every=o.log_every,
+                        eval_every=o.eval_every, save_every=o.save_every, save_every_minutes=o.save_every_minutes)
     checkpoint_dir, checks = o.checkpoint_dir, None
     if o.debug:
         schedule, checkpoint_dir, checks = _debug_mode(rt, to_save, train_loop, evaluators, o.output_dir)
@@ -231,6 +239,15 @@ def _assemble(rt: Runtime, to_save: Mapping[str, Any], train_spec: RunSpec,
     return Engine(runtime=rt, train=train_loop, evaluators=evaluators, schedule=schedule, to_save=to_save,
                   sinks=sinks, checkpoints=checkpoints, stop=stop, seed=o.seed, step_options=step_options,
                   debug=checks)
+
+
+def _max_epochs(o: TrainOptions, spec: RunSpec) -> int | None:
+    """The epoch limit: the keyword (or flag), else the RunSpec's, else 1, or none when max_steps decides."""
+    if o.max_epochs is not None:
+        return o.max_epochs
+    if spec.max_epochs is not None:
+        return spec.max_epochs
+    return None if o.max_steps is not None else 1
 
 
 def _start(engine: Engine, o: TrainOptions, params: dict[str, Any]) -> Resumed | None:
@@ -255,16 +272,18 @@ def _start(engine: Engine, o: TrainOptions, params: dict[str, Any]) -> Resumed |
         return None
     else:
         return None
-    s, max_epochs = engine.state, engine.schedule.max_epochs
+    s, sched = engine.state, engine.schedule
     world = "" if resumed.saved_world_size == rt.world_size else (
         f", resharded from {resumed.saved_world_size} to {rt.world_size} ranks")
     where = f"epoch {s.epoch + 1}, iteration {s.iteration}" if s.iteration else f"after epoch {s.epoch}"
     _say(rt, f"igniter-dist: resumed from {resumed.url} (step {s.step}, {where}{world})")
     for line in changed_flags(resumed.saved_args, params, resumed.url):
         _say(rt, line)
-    if s.epoch >= max_epochs:
-        _say(rt, f"igniter-dist: this run already finished {s.epoch} epochs (--max-epochs {max_epochs}); "
-                 "raise --max-epochs to train further.")
+    if sched.done(s.epoch, s.optimizer_step):
+        limits = [f"--max-epochs {sched.max_epochs}"] if sched.max_epochs is not None else []
+        limits += [f"--max-steps {sched.max_steps}"] if sched.max_steps is not None else []
+        _say(rt, f"igniter-dist: this run already finished ({s.epoch} epochs, {s.optimizer_step} optimizer steps; "
+                 f"{' and '.join(limits)}); raise {' or '.join(x.split()[0] for x in limits)} to train further.")
     return resumed
 
 

@@ -26,7 +26,7 @@ TRAIN_KEYWORDS = {
     "async_checkpoint": False, "on_checkpoint_error": "stop", "output_dir": "output", "model_dir": None,
     "model_safetensors": False, "parameters": None, "mlflow": None, "console": True, "precision": "32",
     "accumulate_grad_batches": 1, "grad_clip_norm": None, "grad_clip_value": None, "debug": False,
-    "stop_check_every": 10,
+    "stop_check_every": 10, "max_steps": None,
 }
 
 
@@ -105,7 +105,7 @@ def test_train_leaves_the_users_run_spec_as_given(tmp_path):
     ig.train(to_save, spec, max_epochs=2, epoch_length=3, checkpoint_dir="none", output_dir=str(tmp_path),
              console=False)
     assert calls == [0, 1, 2, 3, 4, 5]  # 2 epochs of 3 iterations
-    assert (spec.max_epochs, spec.epoch_length) == (1, None)
+    assert (spec.max_epochs, spec.epoch_length) == (None, None)
 
 
 def test_prepare_follows_the_flags_igniter_main_parsed_unless_the_script_says():

@@ -33,7 +33,9 @@ class Progress:
     epoch: int  # 1-based
     iteration: int  # 1-based within the epoch
     epoch_length: int | None
-    max_epochs: int
+    max_epochs: int | None  # None: --max-steps alone ends the run
+    optimizer_step: int = 0
+    max_steps: int | None = None
 
 
 class Sink(Protocol):

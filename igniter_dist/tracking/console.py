@@ -65,6 +65,7 @@ class ConsoleSink:
         self._max_epochs: int | None = None
         self._bar: Any = None  # tqdm bar of the current epoch, terminal mode only
         self._bar_epoch = 0
+        self._steps_bar = False  # with --max-steps one bar counts the run's optimizer steps
         self._eval_bar: Any = None  # tqdm bar of the evaluator running now, terminal mode only
         self._eval_name = ""
         self._rate_step = 0
@@ -80,7 +81,9 @@ class ConsoleSink:
             self._rate_step, self._rate_time = p.step, time.monotonic()
         self._last = p
         bar = self._bar
-        if bar is not None and p.epoch == self._bar_epoch:
+        if bar is not None and self._steps_bar:
+            bar.update(p.optimizer_step - bar.n)
+        elif bar is not None and p.epoch == self._bar_epoch:
             bar.update(p.iteration - bar.n)
         elif self._terminal and not self._broken:
             self._open_bar(p)
@@ -109,7 +112,11 @@ class ConsoleSink:
         """The plain record of one log call: where, what, and the iteration rate since the last line."""
         p = self._last
         max_epochs = p.max_epochs if p is not None else self._max_epochs
-        parts = [f"epoch {epoch}/{max_epochs} step {step}" if max_epochs else f"epoch {epoch} step {step}"]
+        where = f"epoch {epoch}/{max_epochs} step {step}" if max_epochs else f"epoch {epoch} step {step}"
+        if p is not None and p.max_steps is not None:  # --max-steps counts optimizer steps
+            where += f"/{p.max_steps}" if p.optimizer_step == p.step else (
+                f" (optimizer step {p.optimizer_step}/{p.max_steps})")
+        parts = [where]
         values, rates = _split(metrics)
         if values:
             parts.append(" ".join(f"{k} {format_value(v)}" for k, v in values.items()))
@@ -157,7 +164,13 @@ class ConsoleSink:
             self._bar.close()
         self._max_epochs = p.max_epochs
         self._bar_epoch = p.epoch
-        self._bar = tqdm(total=p.epoch_length, initial=p.iteration, desc=f"epoch {p.epoch}/{p.max_epochs}",
+        self._steps_bar = p.max_steps is not None
+        if self._steps_bar:
+            self._bar = tqdm(total=p.max_steps, initial=p.optimizer_step, desc="steps", unit="step",
+                             file=self._stream, dynamic_ncols=True, leave=True)
+            return
+        desc = f"epoch {p.epoch}/{p.max_epochs}" if p.max_epochs else f"epoch {p.epoch}"
+        self._bar = tqdm(total=p.epoch_length, initial=p.iteration, desc=desc,
                          unit="it", file=self._stream, dynamic_ncols=True, leave=True)
 
     def _open_eval_bar(self, name: str, total: int | None) -> Any:
