@@ -8,7 +8,6 @@ can interrupt itself at a global step (SIGTERM from rank 0), logs every sample t
 final model + optimizer, the samples it trained on, and the engine's counters.
 """
 
-import hashlib
 import json
 import os
 import signal
@@ -17,12 +16,12 @@ from itertools import count, islice
 import torch
 import torch.nn as nn
 import torchmetrics
+from resume_probe import state_digest  # a sibling script: this folder is on sys.path
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 import igniter_dist as ig
 from igniter_dist.runtime import rank_and_world_size
 from igniter_dist.values import parse_bool
-from igniter_dist.wrapping import unwrap
 
 
 def sample(i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -85,16 +84,6 @@ class EvalNumbers(IterableDataset):
 
     def __iter__(self):
         return (sample(i) for i in ig.shard_iterable(range(self.n)))
-
-
-def state_digest(model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(unwrap(model).state_dict().items()):
-        h.update(name.encode() + t.detach().cpu().numpy().tobytes())
-    for i, st in sorted(optimizer.state_dict()["state"].items()):
-        for k, v in sorted(st.items()):
-            h.update(f"{i}{k}".encode() + (v.cpu().numpy().tobytes() if torch.is_tensor(v) else str(v).encode()))
-    return h.hexdigest()
 
 
 def train_loader(args, rank: int):
