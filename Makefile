@@ -23,7 +23,7 @@ demo: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	for d in "examples/gpt/model.py examples/gpt/train.py" benchmarks/checkpoint benchmarks/metrics benchmarks/sharding "benchmarks/overhead benchmarks/harness.py benchmarks/run_all.py"; do \
+	for d in "examples/gpt/model.py examples/gpt/train.py" benchmarks/checkpoint benchmarks/metrics benchmarks/sharding benchmarks/streams "benchmarks/overhead benchmarks/harness.py benchmarks/run_all.py"; do \
 		MYPYPATH=benchmarks:benchmarks/overhead:examples/gpt $(VENV)/bin/mypy $$d || exit 1; done
 
 # A small GPT on the repository's docs, sharded over 2 processes (see docs/howto/sharded.md).

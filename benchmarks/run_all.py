@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import BENCH, BENCH_PYTHON, OUT, ROOT, child_env, machine
 
 QUICK_NOTE = " (--quick: smoke-check sizes, not measurements)"
-PARTS = ("metrics", "overhead", "checkpoint", "sharding")
+PARTS = ("metrics", "overhead", "checkpoint", "sharding", "streams")
 
 
 def command(part: str, quick: bool) -> list[str]:
