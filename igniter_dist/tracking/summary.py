@@ -33,7 +33,7 @@ class SummarySink:
         self._start = time.monotonic()
         self._first_step: int | None = None
         self._step = 0
-        self._epoch = (0, 0)
+        self._epoch: tuple[int, int | None] = (0, None)
         self._last_eval: dict[str, float] = {}
         self._best: tuple[float, int] | None = None
         self._model: str | None = None

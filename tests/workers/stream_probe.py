@@ -16,7 +16,7 @@ from itertools import count, islice
 import torch
 import torch.nn as nn
 import torchmetrics
-from resume_probe import state_digest  # a sibling script: this folder is on sys.path
+from resume_probe import state_digests  # a sibling script: this folder is on sys.path
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 import igniter_dist as ig
@@ -136,7 +136,7 @@ def main(args):
         parameters=vars(args),
     )
     with open(os.path.join(args.report_dir, f"rank{rt.rank}.json"), "w") as f:
-        json.dump({"digest": state_digest(model, optimizer), "seen": seen, "metrics": metrics}, f)
+        json.dump({"digest": state_digests(model, optimizer)[1], "seen": seen, "metrics": metrics}, f)
 
 
 def flags(parser):
