@@ -65,8 +65,8 @@ after(CheckpointManager, "_load", "checkpoint loaded (DCP)", before="load starts
 
 
 def report_resume(original: Callable[..., Any]) -> Callable[..., Any]:
-    def resume(engine: Any) -> Any:
-        result = original(engine)
+    def resume(engine: Any, *args: Any) -> Any:
+        result = original(engine, *args)
         mark("resumed from")
         out = Path(os.environ["RELAUNCH_MARKS"]) / f"rank{engine.runtime.rank}.json"
         out.write_text(json.dumps({"rank": engine.runtime.rank, "marks": marks}))
@@ -75,7 +75,7 @@ def report_resume(original: Callable[..., Any]) -> Callable[..., Any]:
     return resume
 
 
-training._resume = report_resume(training._resume)  # timing wraps it for the run
+training._start = report_resume(training._start)  # timing wraps it for the run
 
 if __name__ == "__main__":
     example = Path(__file__).resolve().parents[2] / "examples" / "digits" / "train.py"
