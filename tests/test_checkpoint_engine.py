@@ -31,7 +31,9 @@ def test_keep_best_of_a_metric_never_logged_stops_after_the_first_evaluation(tmp
     assert result.returncode != 0
     # The save of step 4 sees training metrics only; evaluation ends epoch 1 (step 6); the save of
     # step 8 is the first to see eval/loss, and the last.
-    sentence = "error: --keep-best eval/acc:max names a metric that is not logged (logged: eval/loss, train/"
+    sentence = (
+        "error: --keep-best eval/acc:max names a metric that is not logged (logged: eval/count, eval/index, eval/loss, "
+        "train/")
     assert result.stderr.count(sentence) == 2, result.stderr[-3000:]
     assert result.stderr.count("pass one of these (step 8 was saved and no checkpoint was deleted).") == 2
     assert "exitcode  : 2" in result.stderr
