@@ -21,7 +21,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .errors import ConfigError
 from .options import Options, option
-from .parallel import is_sharded, set_gradient_sync
+from .parallel import is_sharded, set_gradient_sync, unwrap_chain
 from .runtime import Runtime
 from .values import positive_float, positive_int
 
@@ -187,7 +187,6 @@ class GradientStepper:
         if not self.intercepts:
             yield
             return
-        from .wrapping import unwrap_chain  # here: wrapping imports this module (the precision choices)
 
         undo: list[Callable[[], None]] = []
         plain = self.plain

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .options import Options, option
-from .parallel import STRATEGIES, Strategy, is_dtensor
+from .parallel import STRATEGIES, Strategy, is_dtensor, unwrap_chain
 from .parallel.units import parse_class_names
 from .runtime import Runtime, runtime
 from .steps import PRECISIONS, Precision
@@ -130,19 +130,6 @@ def wrap_sharded(model: nn.Module, rt: Runtime, options: PrepareOptions) -> nn.M
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's module inside a DDP (or torch.compile) wrapper."""
     return unwrap_chain(model)[-1]
-
-
-def unwrap_chain(model: nn.Module) -> list[nn.Module]:
-    """`model` and every module it wraps (DDP's `module`, torch.compile's `_orig_mod`), outermost first."""
-    chain = [model]
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return chain
-        chain.append(model)
 
 
 def sync_buffers(modules: Iterable[nn.Module], rt: Runtime) -> None:

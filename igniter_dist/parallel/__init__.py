@@ -20,6 +20,19 @@ Strategy = Literal["ddp", "fsdp", "hsdp"]
 STRATEGIES: tuple[Strategy, ...] = ("ddp", "fsdp", "hsdp")
 
 
+def unwrap_chain(model: nn.Module) -> list[nn.Module]:
+    """`model` and every module it wraps (DDP's `module`, torch.compile's `_orig_mod`), outermost first."""
+    chain = [model]
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return chain
+        chain.append(model)
+
+
 def is_sharded(module: nn.Module) -> bool:
     """Whether `fully_shard` sharded `module` (its root); never imports FSDP to find out."""
     fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing can be sharded
