@@ -227,6 +227,10 @@ def test_damaged_zip_records_give_an_error_or_a_correct_load(tmp_path, caplog):
         "byteorder": lambda r: r.replace(b"little", b"bigxxx", 1),
         # the pickle's storage element count grows (BININT1 64 -> 65)
         "numel": lambda r: r.replace(b"cpuq\x04K@", b"cpuq\x04KA", 1),
+        # the end record counts one entry more than the central directory holds
+        "entries": lambda r: r[:-14] + struct.pack("<HH", 8, 8) + r[-10:],
+        # the end record puts the central directory 16 bytes later
+        "directory": lambda r: r[:-6] + struct.pack("<I", struct.unpack("<I", r[-6:-2])[0] + 16) + r[-2:],
     }
     for label, damage in damages.items():
         damaged = damage(record)

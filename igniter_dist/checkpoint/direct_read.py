@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 import pickletools
 import re
 import struct
@@ -37,8 +36,16 @@ log = logging.getLogger(__name__)
 WRITTEN_FOR: frozenset[tuple[int, int]] = frozenset({(2, 13)})
 # torch.save's data.pkl for one tensor is a few hundred bytes; a bigger one is not a plain tensor.
 MAX_PICKLE_BYTES = 64 * 1024
+# A record's first bytes hold its local headers, pickle and byte order; its last, the central directory.
+HEAD_BYTES = 4096
+TAIL_BYTES = 1024
 _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
 _LOCAL_HEADER_SIGNATURE = 0x04034B50
+_CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
+_CENTRAL_SIGNATURE = 0x02014B50
+_EOCD = struct.Struct("<IHHHHIIH")
+_EOCD_SIGNATURE = 0x06054B50
+_ZIP64 = 0xFFFFFFFF  # a size or offset that lives in a zip64 field instead
 
 
 def supported(version: str = torch.__version__) -> bool:
@@ -60,10 +67,12 @@ class TensorRecord:
     stride: tuple[int, ...]
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_tensor_pickle(data: bytes) -> TensorRecord | None:
     """The tensor a `torch.save(tensor)` pickle describes, read opcode by opcode without running it.
 
     Only the opcodes torch.save emits for one plain tensor are understood; anything else gives None.
+    Cached: tensors of one shape and dtype (a layer's weights, Adam's two moments) share a pickle.
     """
     stack: list[Any] = []
     marks: list[int] = []
@@ -150,87 +159,117 @@ def _storage_dtypes() -> dict[str, torch.dtype]:
                 and issubclass(cls, torch.storage.TypedStorage) and name not in ("Storage", "TypedStorage")}
 
 
-class _RecordView:
-    """One record of a `.distcp` file as a seekable read-only file of its own, for `zipfile`."""
+class _RecordBytes:
+    """A `.distcp` record's first and last bytes, read once each; other ranges read on demand."""
 
     def __init__(self, stream: IO[bytes], offset: int, length: int) -> None:
-        self.stream, self.offset, self.length, self.pos = stream, offset, length, 0
+        self.stream, self.offset, self.length = stream, offset, length
+        self.head = self._read(0, min(length, HEAD_BYTES))
+        tail_start = max(length - TAIL_BYTES, len(self.head))
+        self.tail_start = tail_start
+        self.tail = self._read(tail_start, length - tail_start) if tail_start < length else b""
 
-    def seekable(self) -> bool:
-        return True
+    def _read(self, start: int, n: int) -> bytes:
+        self.stream.seek(self.offset + start)
+        return self.stream.read(n)
 
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.length}[whence]
-        self.pos = min(max(base + pos, 0), self.length)
-        return self.pos
-
-    def read(self, n: int = -1) -> bytes:
-        n = self.length - self.pos if n is None or n < 0 else min(n, self.length - self.pos)
-        self.stream.seek(self.offset + self.pos)
-        data = self.stream.read(n)
-        self.pos += len(data)
-        return data
+    def at(self, start: int, n: int) -> bytes:
+        """`n` bytes from `start` within the record (fewer past its end)."""
+        n = max(0, min(n, self.length - start))
+        if start + n <= len(self.head):
+            return self.head[start:start + n]
+        if start >= self.tail_start:
+            return self.tail[start - self.tail_start:start - self.tail_start + n]
+        return self._read(start, n)
 
 
-def _entry_start(view: _RecordView, info: zipfile.ZipInfo, end: int) -> int | None:
-    """Where an uncompressed zip entry's bytes start, if its local header agrees with `info` and its
-    bytes end by `end`. CRCs are not checked: torch.save may skip them, and torch.load ignores them."""
-    if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+@dataclass(frozen=True)
+class _ZipEntry:
+    header_offset: int
+    size: int  # stored uncompressed: compressed and uncompressed sizes agree
+
+
+def _central_directory(record: _RecordBytes) -> tuple[dict[str, _ZipEntry], int] | None:
+    """The record's stored entries by name, and where the central directory starts; None for any
+    layout torch.save does not write (a comment, zip64, compression, several disks)."""
+    eocd = record.at(record.length - _EOCD.size, _EOCD.size)
+    if len(eocd) != _EOCD.size:
         return None
-    view.seek(info.header_offset)
-    header = view.read(_LOCAL_HEADER.size)
+    signature, disk, cd_disk, entries_here, entries, cd_size, cd_start, comment = _EOCD.unpack(eocd)
+    # torch.save puts zip64 end records between the central directory and this one: the directory
+    # must end before them, not right here.
+    if (signature != _EOCD_SIGNATURE or disk or cd_disk or entries_here != entries or comment
+            or _ZIP64 in (cd_size, cd_start) or cd_start + cd_size > record.length - _EOCD.size):
+        return None
+    cd = record.at(cd_start, cd_size)
+    found: dict[str, _ZipEntry] = {}
+    pos = 0
+    for _ in range(entries):
+        if pos + _CENTRAL.size > len(cd):
+            return None
+        fields = _CENTRAL.unpack_from(cd, pos)
+        signature, method, compressed, size = fields[0], fields[4], fields[8], fields[9]
+        name_len, extra_len, comment_len, header_offset = fields[10], fields[11], fields[12], fields[16]
+        name = cd[pos + _CENTRAL.size:pos + _CENTRAL.size + name_len].decode("utf-8", "replace")
+        if (signature != _CENTRAL_SIGNATURE or method != zipfile.ZIP_STORED or compressed != size
+                or _ZIP64 in (size, header_offset) or name in found):
+            return None
+        found[name] = _ZipEntry(header_offset, size)
+        pos += _CENTRAL.size + name_len + extra_len + comment_len
+    return found, cd_start
+
+
+def _entry_start(record: _RecordBytes, name: str, entry: _ZipEntry, end: int) -> int | None:
+    """Where a stored entry's bytes start, if its local header agrees and its bytes end by `end`.
+    CRCs are not checked: torch.save may skip them, and torch.load ignores them."""
+    header = record.at(entry.header_offset, _LOCAL_HEADER.size)
     if len(header) != _LOCAL_HEADER.size:
         return None
     signature, _, _, method, _, _, _, _, _, name_len, extra_len = _LOCAL_HEADER.unpack(header)
     if signature != _LOCAL_HEADER_SIGNATURE or method != zipfile.ZIP_STORED:
         return None
-    if view.read(name_len) != info.filename.encode():
+    if record.at(entry.header_offset + _LOCAL_HEADER.size, name_len) != name.encode():
         return None
-    start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
-    return start if start + info.file_size <= end else None
+    start = entry.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+    return start if start + entry.size <= end else None
 
 
-def _entry_bytes(view: _RecordView, info: zipfile.ZipInfo, end: int) -> bytes | None:
-    start = _entry_start(view, info, end)
-    if start is None:
-        return None
-    view.seek(start)
-    data = view.read(info.file_size)
-    return data if len(data) == info.file_size else None
+def _entry_bytes(record: _RecordBytes, name: str, entry: _ZipEntry, end: int) -> bytes | None:
+    start = _entry_start(record, name, entry, end)
+    return None if start is None else record.at(start, entry.size)
 
 
 def locate_payload(stream: IO[bytes], offset: int, length: int, dtype: torch.dtype,
                    size: tuple[int, ...]) -> int | None:
     """The file offset of a `torch.save` record's raw tensor bytes, or None unless the record holds
-    exactly one contiguous little-endian tensor of `dtype` and `size`, stored uncompressed."""
-    view = _RecordView(stream, offset, length)
-    try:
-        with zipfile.ZipFile(view) as zf:
-            listed = zf.infolist()
-            end = zf.start_dir  # entries' bytes end where the central directory starts
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, NotImplementedError, struct.error):
+    exactly one contiguous little-endian tensor of `dtype` and `size`, stored uncompressed.
+
+    Reads the record's head and tail once (local headers, pickle and byte order sit in the first,
+    the central directory in the last), not entry by entry."""
+    record = _RecordBytes(stream, offset, length)
+    directory = _central_directory(record)
+    if directory is None:
         return None
-    infos = {info.filename.split("/", 1)[-1]: info for info in listed}
-    pkl, order, payload = infos.get("data.pkl"), infos.get("byteorder"), infos.get("data/0")
-    if (len({info.filename.split("/", 1)[0] for info in listed}) != 1 or len(infos) != len(listed)
-            or pkl is None or order is None or payload is None
-            or any(k.startswith("data/") and k != "data/0" for k in infos)
-            or pkl.file_size > MAX_PICKLE_BYTES or order.file_size > 16):
+    listed, end = directory  # entries' bytes end where the central directory starts
+    names = {name.split("/", 1)[-1]: name for name in listed}
+    if (len({name.split("/", 1)[0] for name in listed}) != 1 or len(names) != len(listed)
+            or not {"data.pkl", "byteorder", "data/0"} <= names.keys()
+            or any(k.startswith("data/") and k != "data/0" for k in names)):
         return None
-    if _entry_bytes(view, order, end) != b"little":
+    pkl, order, payload = (listed[names[k]] for k in ("data.pkl", "byteorder", "data/0"))
+    if pkl.size > MAX_PICKLE_BYTES or order.size > 16:
         return None
-    pickled = _entry_bytes(view, pkl, end)
-    record = None if pickled is None else parse_tensor_pickle(pickled)
-    if (record is None or record.storage_key != "0" or record.location != "cpu"
-            or _storage_dtypes().get(record.storage_type) != dtype or record.storage_offset != 0
-            or record.size != size or record.storage_numel != math.prod(size)
-            or not _contiguous(record.size, record.stride)
-            or payload.file_size != math.prod(size) * dtype.itemsize):
+    if _entry_bytes(record, names["byteorder"], order, end) != b"little":
         return None
-    start = _entry_start(view, payload, end)
+    pickled = _entry_bytes(record, names["data.pkl"], pkl, end)
+    parsed = None if pickled is None else parse_tensor_pickle(pickled)
+    if (parsed is None or parsed.storage_key != "0" or parsed.location != "cpu"
+            or _storage_dtypes().get(parsed.storage_type) != dtype or parsed.storage_offset != 0
+            or parsed.size != size or parsed.storage_numel != math.prod(size)
+            or not _contiguous(parsed.size, parsed.stride)
+            or payload.size != math.prod(size) * dtype.itemsize):
+        return None
+    start = _entry_start(record, names["data/0"], payload, end)
     return None if start is None else offset + start
 
 

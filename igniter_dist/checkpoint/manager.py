@@ -447,8 +447,8 @@ class CheckpointManager:
 
         try:
             with state_mod.quiet_single_process(self.runtime.distributed):
-                dcp.load(template, storage_reader=safe_reader(url, self.direct_read), planner=SafeLoadPlanner(),
-                         no_dist=not self.runtime.distributed)
+                dcp.load(template, storage_reader=safe_reader(url, self.direct_read, metadata),
+                         planner=SafeLoadPlanner(), no_dist=not self.runtime.distributed)
         except (Exception, CheckpointException) as e:
             raise self._cause_error("load", e, url) from None  # DCP raised it on every rank
         error = None

@@ -103,14 +103,16 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             self.state_dict[fqn] = loaded
 
 
-def safe_reader(url: str, direct: bool = True) -> Any:
+def safe_reader(url: str, direct: bool = True, metadata: Metadata | None = None) -> Any:
     """An FsspecReader for the checkpoint folder `url` whose `.metadata` goes through `load_metadata`
-    and whose tensors, where `read_directly` allows (with `direct`, on the torch it was written for),
-    are read straight into the live tensors.
+    (or is `metadata`, read that way already: DCP would read and unpickle it again) and whose
+    tensors, where `read_directly` allows (with `direct`, on the torch it was written for), are read
+    straight into the live tensors.
 
     `direct_reads` on it counts those tensors. A read that fails for any reason but an outage of
     the storage raises DamagedCheckpoint."""
     direct = direct and direct_read.supported()
+    given = metadata
     reader_class: Any = fsspec_io()[1]  # chosen at run time (public or private module): no static type
 
     class SafeFsspecReader(reader_class):
@@ -137,12 +139,15 @@ def safe_reader(url: str, direct: bool = True) -> Any:
 
         def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
             rank = kwargs.get("rank")
-            name = ".metadata" if rank is None else f"__{rank}.metadata"
-            with self.fs.create_stream(self.fs.concat_path(self.path, name), "rb") as f:
-                metadata = load_metadata(f, url)
-            if metadata.storage_meta is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
+            if given is not None and rank is None:
+                found = given
+            else:
+                name = ".metadata" if rank is None else f"__{rank}.metadata"
+                with self.fs.create_stream(self.fs.concat_path(self.path, name), "rb") as f:
+                    found = load_metadata(f, url)
+            if found.storage_meta is None:
+                found.storage_meta = StorageMeta()
+            found.storage_meta.load_id = self.load_id
+            return found
 
     return SafeFsspecReader(url)
