@@ -446,11 +446,15 @@ class CheckpointManager:
         assert metadata is not None
 
         try:
-            with state_mod.quiet_single_process(self.runtime.distributed):
+            # What a rank reads follows from the metadata alone (DCP's global load plan changes no
+            # rank's plan), so every rank loads as one process and one agreement replaces DCP's plan
+            # exchange and read barrier (0.07-0.1 s of a 0.45 s load of a 306 MB fsdp shard).
+            with state_mod.quiet_single_process(distributed=False):
                 dcp.load(template, storage_reader=safe_reader(url, self.direct_read, metadata),
-                         planner=SafeLoadPlanner(), no_dist=not self.runtime.distributed)
+                         planner=SafeLoadPlanner(), no_dist=True)
         except (Exception, CheckpointException) as e:
-            raise self._cause_error("load", e, url) from None  # DCP raised it on every rank
+            error = self._cause_error("load", e, url)
+        self._agree(error)
         error = None
         per_rank: dict[str, Any] | None = None
         try:
