@@ -102,22 +102,35 @@ class Engine:
         # Sinks get the loop's position every step only while a bar is live; else where a line prints,
         # and at the first step, from which the console's rate counts.
         first, live, log_every = self.state.step + 1, self.sinks.live, self.schedule.log_every
+        # The common step (full precision, no accumulation) is called here, not through two engine frames:
+        # between two steps every call runs on caches the step just evicted (on 2 ranks, after a wait).
+        step_fn = self.train_loop.spec.step if self.stepper.plain else None
+        update = self.train_loop.metrics.update
+        timed_saves = self.schedule.save_every_minutes is not None
         if self.stream is not None and not self._finished():
             self.stream.resume(self.state.step, self.state.iteration)  # collective once, when resumed
         while not self.schedule.done(self.state.epoch, self.state.optimizer_step):
             start, fresh = self.state.step, self.state.iteration == 0
+            due = self._next_due()
             for batch in self._train_batches():
-                output = self._train_step(batch)
-                self.train_loop.metrics.update(output, batch_size(batch))
+                if step_fn is not None:
+                    output = step_fn(self, batch)
+                    if type(output) is not dict:  # the ABC's check only for others
+                        output = self._checked(self.train_loop, output)
+                else:
+                    output = self._train_step(batch)
+                update(output, batch_size(batch))
                 self.state.step += 1
                 self.state.iteration += 1
                 self.state.optimizer_step += self.stepper.boundary
                 if live or self.state.step == first or self.state.step % log_every == 0:
                     self.sinks.progress(self._progress())
-                signum, save_due = self.stop.poll(self._time_to_save())  # collective, overlapped
+                signum, save_due = self.stop.poll(timed_saves and self._time_to_save())  # collective, overlapped
                 if signum:
                     self._emergency_save(signum)
-                self._after_step(save_due)
+                if save_due or self.state.step >= due:
+                    self._after_step(save_due)
+                    due = self._next_due()
             if fresh and self.state.step == start:
                 # Every rank knows it (a stream's end is agreed, sized loaders pad), so every rank raises.
                 raise ConfigError(f"The training loader gave no batch in epoch {self.state.epoch + 1} (on at least "
@@ -148,6 +161,16 @@ class Engine:
             self.evaluate()
         if save_due or sched.save_every.due(s.step, s.epoch, epoch_ended=False):
             self._save()
+
+    def _next_due(self) -> int:
+        """The next step after which `_after_step` has work (a log, a step-scheduled evaluation or save), or the
+        next step when it has work every step (step schedulers, --debug)."""
+        step, sched = self.state.step, self.schedule
+        if self.schedulers or self.debug is not None:
+            return step + 1
+        scheduled = (sched.eval_every, sched.save_every)
+        periods = [sched.log_every] + [e.n for e in scheduled if e.unit == "steps" and e.n > 0]
+        return min((step // n + 1) * n for n in periods)
 
     def _after_epoch(self, ended: bool) -> None:
         """After an epoch's last batch, or the last step of --max-steps in mid-epoch (`ended` False)."""
@@ -205,8 +228,6 @@ class Engine:
         return max(0, (self.schedule.max_steps - self.state.optimizer_step) * k - self.state.iteration % k)
 
     def _train_step(self, batch: Any) -> Mapping[str, Any]:
-        if self.stepper.plain:
-            return self._call(self.train_loop, batch)
         with self.stepper.micro_step(self.state.iteration, self.train_loop.epoch_length):
             return self._call(self.train_loop, batch)
 
@@ -235,7 +256,12 @@ class Engine:
 
     def _call(self, loop: Loop, batch: Any) -> Mapping[str, Any]:
         output = loop.spec.step(self, batch)
-        if type(output) is not dict and not isinstance(output, Mapping):  # the ABC's check only for others
+        return output if type(output) is dict else self._checked(loop, output)  # the ABC's check only for others
+
+    @staticmethod
+    def _checked(loop: Loop, output: Any) -> Mapping[str, Any]:
+        """A step's output that is not a dict: a Mapping is fine, anything else is refused."""
+        if not isinstance(output, Mapping):
             raise StepOutputError(
                 f"The {loop.name} step returned a {type(output).__name__}; it must return a dict of "
                 "tensors or numbers, such as {'loss': loss}."
@@ -462,7 +488,7 @@ def batch_size(batch: Any) -> int:
     while isinstance(batch, (list, tuple)) and batch:  # the common (inputs, labels): no recursion
         batch = batch[0]
     if isinstance(batch, torch.Tensor):
-        return batch.size(0) if batch.ndim else 1
+        return batch.shape[0] if batch.ndim else 1
     if isinstance(batch, Mapping):
         for v in batch.values():
             return batch_size(v)

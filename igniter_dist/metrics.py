@@ -64,6 +64,8 @@ class _Mean:
         self._filled = 0
         self._weight = 0  # the batch size of the buffered values
         self._host_values_on_device = device.type != "cpu"
+        # A CPU run's buffer, as numpy: a host value goes in by a store, without dispatching an operation.
+        self._host_slots = self._buffer.numpy() if device.type == "cpu" else None
 
     def value_of(self, output: StepOutput) -> Any:
         return output[self._key] if self._fn is None else self._fn(output)
@@ -71,27 +73,27 @@ class _Mean:
     def update(self, output: StepOutput, batch_size: int) -> None:
         v = output[self._key] if self._fn is None else self._fn(output)  # value_of, inlined: it runs every step
         if isinstance(v, torch.Tensor):
-            v = v.data  # the value without its autograd graph: a shallow copy, cheaper than dispatching detach()
-            if v.ndim:
-                n = v.numel()
-                if n != 1:  # per-sample values: each element counts once
-                    self.total.add_(v.sum(dtype=self.total.dtype))
-                    self.count += n
-                    return
-                v = v.reshape(())
-            if self._host_values_on_device and v.is_cpu:
-                v = v.item()  # a CPU value on a GPU run: a host read, not a device sync
+            if v.ndim and v.numel() != 1:  # per-sample values: each element counts once
+                self.total.add_(v.detach().sum(dtype=self.total.dtype))
+                self.count += v.numel()
+                return
+            if v.is_cpu:
+                v = v.item()  # a host value (any CPU run, or a CPU value on a GPU run): a read, not a device sync
+            else:
+                v = v.data  # without its autograd graph: a shallow copy, cheaper than dispatching detach()
+                v = v.reshape(()) if v.ndim else v
         self.count += batch_size
         if batch_size != self._weight:
             if self._filled:  # another batch size (an epoch's last batch): add it at once
                 self.total.add_(v if isinstance(v, torch.Tensor) else float(v), alpha=batch_size)
                 return
             self._weight = batch_size
-        slot = self._slots[self._filled]
         if isinstance(v, torch.Tensor):
-            slot.copy_(v)
+            self._slots[self._filled].copy_(v)
+        elif self._host_slots is not None:
+            self._host_slots[self._filled] = float(v)
         else:
-            slot.fill_(float(v))
+            self._slots[self._filled].fill_(float(v))
         self._filled += 1
         if self._filled == SLOTS:
             self.fold()

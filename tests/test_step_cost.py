@@ -2,9 +2,10 @@
 
 A step function that issues no operation of its own returns a loss that requires grad; a
 dispatch mode entered inside one step and left inside a later one counts every operation the
-engine issued between them. Besides moving the batch, the engine issues the same operations on a
-GPU, so these counts are the kernels it would launch per step (scripts/gpu_sync_check.py checks
-that none of them synchronises with the host).
+engine issued between them. On this CPU run the loss is read on the host (no device to sync
+with); a value on a device is copied into a device slot instead, counted on the meta device below:
+those are the kernels a GPU run launches per step (scripts/gpu_sync_check.py checks that none of
+them synchronises with the host).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import igniter_dist as ig
 from igniter_dist import engine
+from igniter_dist.metrics import MetricSet
 from igniter_dist.tracking.base import Progress
 
 BATCH = (torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))
@@ -65,22 +67,34 @@ def count_ops(tmp_path, windows: list[tuple[int, int]], **train: Any) -> list[Co
     return [c.ops for c in counters]
 
 
-def test_a_training_step_costs_the_engine_two_operations(tmp_path):
+READ = "aten._local_scalar_dense.default"  # Tensor.item(): the CPU loss read into the buffer's numpy view
+
+
+def test_a_training_step_costs_the_engine_one_operation(tmp_path):
     (steady,) = count_ops(tmp_path, [(5, 15)])
-    # Per step: detach the loss, copy it into a preallocated slot. Nothing is allocated, nothing read back.
-    assert steady == {"aten.detach.default": 10, "aten.copy_.default": 10}
+    # Per step: read the CPU loss and store it in a preallocated slot. Nothing is allocated or launched.
+    assert steady == {READ: 10}
+
+
+def test_a_device_loss_costs_a_detach_and_a_copy_into_its_slot():
+    ms = MetricSet({"loss": "loss"}, torch.device("meta"), distributed=False)
+    loss = torch.zeros((), device="meta", requires_grad=True)
+    ms.update({"loss": loss}, 4)  # the first update checks the outputs
+    with OpCounter() as counter:
+        for _ in range(10):
+            ms.update({"loss": loss}, 4)
+    # The graph-free view of the loss, copied into the next device slot: no host read, no allocation.
+    assert counter.ops == {"aten.detach.default": 10, "aten.copy_.default": 10}
 
 
 def test_a_full_metric_buffer_and_a_log_step_cost_a_fixed_handful(tmp_path):
     fold, log = count_ops(tmp_path, [(60, 70), (95, 99)], log_every=97)
     # The 64th buffered value folds the buffer into the float64 sum: sum, add_.
-    assert fold == {"aten.detach.default": 10, "aten.copy_.default": 10, "aten.sum.default": 1,
-                    "aten.add_.Tensor": 1}
+    assert fold == {READ: 10, "aten.sum.default": 1, "aten.add_.Tensor": 1}
     # Logging at step 97: fold the 33 values buffered since (slice, sum, add_), stack the sums and the
     # counts (lift_fresh: the counts to a tensor), read them back once (tolist: no aten op), zero the sum.
-    assert log == {"aten.detach.default": 4, "aten.copy_.default": 4, "aten.slice.Tensor": 1, "aten.sum.default": 1,
-                   "aten.add_.Tensor": 1, "aten.stack.default": 2, "aten.lift_fresh.default": 1,
-                   "aten.zero_.default": 1}
+    assert log == {READ: 4, "aten.slice.Tensor": 1, "aten.sum.default": 1, "aten.add_.Tensor": 1,
+                   "aten.stack.default": 2, "aten.lift_fresh.default": 1, "aten.zero_.default": 1}
 
 
 def test_without_a_live_bar_the_loop_builds_a_position_only_where_a_line_prints(tmp_path, monkeypatch):
@@ -94,3 +108,17 @@ def test_without_a_live_bar_the_loop_builds_a_position_only_where_a_line_prints(
     count_ops(tmp_path, [], log_every=30)  # the console writes lines here (pytest's capture is no terminal)
     # The first step (the console's rate counts from it), the log steps, the epoch's end: not the other 95.
     assert built == [1, 30, 60, 90, 100]
+
+
+def test_between_due_steps_the_loop_skips_the_after_step_checks(tmp_path, monkeypatch):
+    called: list[int] = []
+    after_step = engine.Engine._after_step
+
+    def recorded(self: engine.Engine, save_due: bool) -> None:
+        called.append(self.state.step)
+        after_step(self, save_due)
+
+    monkeypatch.setattr(engine.Engine, "_after_step", recorded)
+    count_ops(tmp_path, [], log_every=30, eval_every="40steps")
+    # Only where a log or a step-scheduled evaluation is due; the other 94 steps have nothing to do there.
+    assert called == [30, 40, 60, 80, 90]
