@@ -47,9 +47,10 @@ class _Mean:
     A step costs one in-place copy: its value goes into the next slot of a preallocated device buffer
     (no allocation, no host sync; the value is read at once, so the step may reuse its output's
     memory afterwards, as CUDA graphs do). A value on the CPU is read with `item()` instead and, on a
-    CPU run, stored through the buffer's numpy view: the same float64 bits, no operation dispatched. The buffered values share one batch size and are folded
-    into the float64 sum, weighted by it, when the buffer fills and before any read of the sum; a
-    batch of another size is added at once, and so are per-sample values (each element counts once).
+    CPU run, stored through the buffer's numpy view: the same float64 bits, no operation dispatched.
+    The buffered values share one batch size and are folded into the float64 sum, weighted by it,
+    when the buffer fills and before any read of the sum; a batch of another size is added at once,
+    and so are per-sample values (each element counts once).
     """
 
     def __init__(self, name: str, source: str | Callable[[StepOutput], Any], device: torch.device):
