@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/sharding/bench.py            # the GPT example at 4 layers x 512 (and x 1024), 2 ranks
     .venv/bin/python benchmarks/sharding/bench.py --quick    # 2 layers x 128, 1 round: a smoke check
+    .venv/bin/python benchmarks/sharding/bench.py --ckpt-width 2048 --reps 5   # checkpoints of 1.2 GB per rank
 
 Runs in the project's environment.
 """
@@ -23,9 +24,11 @@ WORKER = Path(__file__).resolve().parent / "worker.py"
 SCRATCH = OUT / "scratch" / "sharding"
 
 
-def run(quick: bool) -> dict:
+def run(quick: bool, ckpt_width: int | None, reps: int | None) -> dict:
     size = ["--layers", "2", "--width", "128", "--steps", "2", "--rounds", "1", "--reps", "1", "--ckpt-layers", "2",
             "--ckpt-width", "256"] if quick else []
+    size += ["--ckpt-width", str(ckpt_width)] if ckpt_width else []
+    size += ["--reps", str(reps)] if reps else []
     out = OUT / "sharding-run.json"
     shutil.rmtree(SCRATCH, ignore_errors=True)
     SCRATCH.mkdir(parents=True)
@@ -38,6 +41,11 @@ def run(quick: bool) -> dict:
 
 def _mb(n: float) -> str:
     return f"{n / 1e6:,.1f} MB"
+
+
+def _spread(seconds: list[float]) -> str:
+    """The median and the range of a timing's repetitions."""
+    return f"{statistics.median(seconds):.3f} s ({min(seconds):.3f}-{max(seconds):.3f})"
 
 
 def summarize(data: dict) -> str:
@@ -66,12 +74,11 @@ def summarize(data: dict) -> str:
             ["**fsdp / ddp step time**", f"**{step['fsdp'] / step['ddp']:.2f}**"],
             [f"checkpointed model: {c['ckpt_layers']} layers x {c['ckpt_width']}, {data['ckpt_parameters']:,} "
              f"parameters + Adam, {shard_mb:.0f} MB per rank", ""],
-            ["plain write of each rank's shards, write + fsync",
-             f"{med['plain_write_s']:.3f} s"],
-            ["sharded save (checkpoint manager, sync)", f"{med['save_s']:.3f} s"],
+            ["plain write of each rank's shards, write + fsync", _spread(ck["plain_write_s"])],
+            ["sharded save (checkpoint manager, sync)", _spread(ck["save_s"])],
             ["**save bandwidth / plain** (target >= 0.80)", f"**{med['plain_write_s'] / med['save_s']:.2f}**"],
-            ["plain read of each rank's shards (readinto existing buffers)", f"{med['plain_read_s']:.3f} s"],
-            ["sharded load (into the live shards)", f"{med['load_s']:.3f} s"],
+            ["plain read of each rank's shards (readinto existing buffers)", _spread(ck["plain_read_s"])],
+            ["sharded load (into the live shards)", _spread(ck["load_s"])],
             ["**load bandwidth / plain** (target >= 0.80)", f"**{med['plain_read_s'] / med['load_s']:.2f}**"],
         ]),
     ]
@@ -81,11 +88,15 @@ def summarize(data: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="A tiny model and one round: a smoke check.")
+    p.add_argument("--ckpt-width", type=int, help="Width of the checkpointed model (default 1024: 306 MB per rank; "
+                                                   "2048: 1.2 GB per rank).")
+    p.add_argument("--reps", type=int, help="Timed save/load repetitions (default 3).")
     args = p.parse_args()
-    data = run(args.quick)
-    write_json(OUT / "sharding.json", data)
+    data = run(args.quick, args.ckpt_width, args.reps)
+    name = f"sharding-w{args.ckpt_width}" if args.ckpt_width else "sharding"
+    write_json(OUT / f"{name}.json", data)
     table = summarize(data)
-    (OUT / "sharding.md").write_text(table + "\n")
+    (OUT / f"{name}.md").write_text(table + "\n")
     print(table)
 
 
