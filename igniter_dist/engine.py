@@ -488,7 +488,8 @@ def batch_size(batch: Any) -> int:
     while isinstance(batch, (list, tuple)) and batch:  # the common (inputs, labels): no recursion
         batch = batch[0]
     if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.ndim else 1
+        shape = batch.shape  # one attribute read: ndim would be a second
+        return shape[0] if shape else 1
     if isinstance(batch, Mapping):
         for v in batch.values():
             return batch_size(v)
@@ -502,8 +503,13 @@ def to_device(batch: Any, device: torch.device) -> Any:
             return batch
         return batch.to(device, non_blocking=batch.is_pinned())
     if isinstance(batch, (list, tuple)):  # before Mapping: an ABC's isinstance is the slower check
-        # A tensor already on the device stays, without a call per item: the common (inputs, labels) of a CPU run.
-        items = [v if isinstance(v, torch.Tensor) and v.device == device else to_device(v, device) for v in batch]
+        # The common (inputs, labels) of a CPU run, already there: a plain loop, no list built, no call per item.
+        for v in batch:
+            if not isinstance(v, torch.Tensor) or v.device != device:
+                break
+        else:
+            return batch
+        items = [to_device(v, device) for v in batch]
         if all(map(operator.is_, items, batch)):
             return batch  # already there (a CPU run): no new container per step
         if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
