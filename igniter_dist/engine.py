@@ -105,8 +105,11 @@ class Engine:
         # The common step (full precision, no accumulation) is called here, not through two engine frames:
         # between two steps every call runs on caches the step just evicted (on 2 ranks, after a wait).
         step_fn = self.train_loop.spec.step if self.stepper.plain else None
-        update = self.train_loop.metrics.update
+        metrics = self.train_loop.metrics
+        update = metrics.per_step()
         timed_saves = self.schedule.save_every_minutes is not None
+        # One process has nothing to agree on: the flag the handler set is read as it is, without a call.
+        stop, poll = self.stop, self.stop.poll if self.stop.distributed else None
         if self.stream is not None and not self._finished():
             self.stream.resume(self.state.step, self.state.iteration)  # collective once, when resumed
         while not self.schedule.done(self.state.epoch, self.state.optimizer_step):
@@ -125,7 +128,12 @@ class Engine:
                 self.state.optimizer_step += self.stepper.boundary
                 if live or self.state.step == first or self.state.step % log_every == 0:
                     self.sinks.progress(self._progress())
-                signum, save_due = self.stop.poll(timed_saves and self._time_to_save())  # collective, overlapped
+                    update = metrics.per_step()  # the outputs are checked now: maybe one frame fewer
+                save_due = timed_saves and self._time_to_save()
+                if poll is None:
+                    signum = stop.requested
+                else:
+                    signum, save_due = poll(save_due)  # collective, overlapped
                 if signum:
                     self._emergency_save(signum)
                 if save_due or self.state.step >= due:

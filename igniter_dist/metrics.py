@@ -169,6 +169,13 @@ class MetricSet:
                 )
         self._checked = True
 
+    def per_step(self) -> Callable[[StepOutput, int], None]:
+        """The update to call every step: a single mean's own once the first outputs are checked (one frame
+        fewer between two steps), else `update`."""
+        if self._checked and len(self.means) == 1 and not self.torchmetrics:
+            return self.means[0].update
+        return self.update
+
     def update(self, output: StepOutput, batch_size: int, where: str = "training") -> None:
         if not self._checked:
             self._check_first(output, where)

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 import igniter_dist as ig
 from igniter_dist import engine
 from igniter_dist.metrics import MetricSet
+from igniter_dist.signals import StopFlag
 from igniter_dist.tracking.base import Progress
 
 BATCH = (torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))
@@ -122,3 +123,24 @@ def test_between_due_steps_the_loop_skips_the_after_step_checks(tmp_path, monkey
     count_ops(tmp_path, [], log_every=30, eval_every="40steps")
     # Only where a log or a step-scheduled evaluation is due; the other 94 steps have nothing to do there.
     assert called == [30, 40, 60, 80, 90]
+
+
+def test_one_process_with_one_mean_calls_the_mean_directly_and_polls_no_flag(tmp_path, monkeypatch):
+    calls: list[str] = []
+    set_update, poll = MetricSet.update, StopFlag.poll
+
+    def recorded_update(self: MetricSet, *args: Any, **kwargs: Any) -> None:
+        calls.append("MetricSet.update")
+        set_update(self, *args, **kwargs)
+
+    def recorded_poll(self: StopFlag, *args: Any) -> tuple[int, bool]:
+        calls.append("StopFlag.poll")
+        return poll(self, *args)
+
+    monkeypatch.setattr(MetricSet, "update", recorded_update)
+    monkeypatch.setattr(StopFlag, "poll", recorded_poll)
+    count_ops(tmp_path, [], log_every=30)
+    # The first step's update checks the outputs; from then on the mean's own update runs, one frame fewer.
+    # One process has no agreement to launch: the flag is read in the loop (test_resume's single-process
+    # SIGINT/SIGTERM runs check it is still honoured).
+    assert calls == ["MetricSet.update"]
