@@ -65,7 +65,6 @@ class _Mean:
         self._slots = self._buffer.unbind()  # one 0-dim view per slot, made once
         self._filled = 0
         self._weight = 0  # the batch size of the buffered values
-        self._host_values_on_device = device.type != "cpu"
         # A CPU run's buffer, as numpy: a host value goes in by a store, without dispatching an operation.
         self._host_slots = self._buffer.numpy() if device.type == "cpu" else None
 

@@ -185,6 +185,7 @@ class _RecordBytes:
 
 @dataclass(frozen=True)
 class _ZipEntry:
+    name: str
     header_offset: int
     size: int  # stored uncompressed: compressed and uncompressed sizes agree
 
@@ -214,12 +215,12 @@ def _central_directory(record: _RecordBytes) -> tuple[dict[str, _ZipEntry], int]
         if (signature != _CENTRAL_SIGNATURE or method != zipfile.ZIP_STORED or compressed != size
                 or _ZIP64 in (size, header_offset) or name in found):
             return None
-        found[name] = _ZipEntry(header_offset, size)
+        found[name] = _ZipEntry(name, header_offset, size)
         pos += _CENTRAL.size + name_len + extra_len + comment_len
     return found, cd_start
 
 
-def _entry_start(record: _RecordBytes, name: str, entry: _ZipEntry, end: int) -> int | None:
+def _entry_start(record: _RecordBytes, entry: _ZipEntry, end: int) -> int | None:
     """Where a stored entry's bytes start, if its local header agrees and its bytes end by `end`.
     CRCs are not checked: torch.save may skip them, and torch.load ignores them."""
     header = record.at(entry.header_offset, _LOCAL_HEADER.size)
@@ -228,14 +229,14 @@ def _entry_start(record: _RecordBytes, name: str, entry: _ZipEntry, end: int) ->
     signature, _, _, method, _, _, _, _, _, name_len, extra_len = _LOCAL_HEADER.unpack(header)
     if signature != _LOCAL_HEADER_SIGNATURE or method != zipfile.ZIP_STORED:
         return None
-    if record.at(entry.header_offset + _LOCAL_HEADER.size, name_len) != name.encode():
+    if record.at(entry.header_offset + _LOCAL_HEADER.size, name_len) != entry.name.encode():
         return None
     start = entry.header_offset + _LOCAL_HEADER.size + name_len + extra_len
     return start if start + entry.size <= end else None
 
 
-def _entry_bytes(record: _RecordBytes, name: str, entry: _ZipEntry, end: int) -> bytes | None:
-    start = _entry_start(record, name, entry, end)
+def _entry_bytes(record: _RecordBytes, entry: _ZipEntry, end: int) -> bytes | None:
+    start = _entry_start(record, entry, end)
     return None if start is None else record.at(start, entry.size)
 
 
@@ -251,17 +252,17 @@ def locate_payload(stream: IO[bytes], offset: int, length: int, dtype: torch.dty
     if directory is None:
         return None
     listed, end = directory  # entries' bytes end where the central directory starts
-    names = {name.split("/", 1)[-1]: name for name in listed}
-    if (len({name.split("/", 1)[0] for name in listed}) != 1 or len(names) != len(listed)
-            or not {"data.pkl", "byteorder", "data/0"} <= names.keys()
-            or any(k.startswith("data/") and k != "data/0" for k in names)):
+    entries = {name.split("/", 1)[-1]: entry for name, entry in listed.items()}
+    if (len({name.split("/", 1)[0] for name in listed}) != 1 or len(entries) != len(listed)
+            or not {"data.pkl", "byteorder", "data/0"} <= entries.keys()
+            or any(k.startswith("data/") and k != "data/0" for k in entries)):
         return None
-    pkl, order, payload = (listed[names[k]] for k in ("data.pkl", "byteorder", "data/0"))
+    pkl, order, payload = entries["data.pkl"], entries["byteorder"], entries["data/0"]
     if pkl.size > MAX_PICKLE_BYTES or order.size > 16:
         return None
-    if _entry_bytes(record, names["byteorder"], order, end) != b"little":
+    if _entry_bytes(record, order, end) != b"little":
         return None
-    pickled = _entry_bytes(record, names["data.pkl"], pkl, end)
+    pickled = _entry_bytes(record, pkl, end)
     parsed = None if pickled is None else parse_tensor_pickle(pickled)
     if (parsed is None or parsed.storage_key != "0" or parsed.location != "cpu"
             or _storage_dtypes().get(parsed.storage_type) != dtype or parsed.storage_offset != 0
@@ -269,7 +270,7 @@ def locate_payload(stream: IO[bytes], offset: int, length: int, dtype: torch.dty
             or not _contiguous(parsed.size, parsed.stride)
             or payload.size != math.prod(size) * dtype.itemsize):
         return None
-    start = _entry_start(record, names["data/0"], payload, end)
+    start = _entry_start(record, payload, end)
     return None if start is None else offset + start
 
 
