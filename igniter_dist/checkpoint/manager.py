@@ -31,6 +31,7 @@ from .agreement import agree
 from .retention import choose_kept, parse_keep_best, unlogged_metric
 from .safe_load import SafeLoadPlanner, load_metadata, safe_reader
 from .storage import Storage, fsspec_io, root_cause
+from .writeback import start_writeback_early
 
 log = logging.getLogger("igniter_dist.checkpoint")
 OnError = Literal["stop", "warn"]
@@ -229,8 +230,9 @@ class CheckpointManager:
         # fsync each file on local disks; object stores have no fsync (s3fs would sync the host).
         # On object stores each file uploads its parts one after another, so four files per rank
         # upload concurrently (measured 1.7-3.2 s instead of 3.9-4.3 s for 200 MB on moto).
-        return FsspecWriter(url, single_file_per_rank=True, sync_files=self.storage.is_local,
-                            thread_count=1 if self.storage.is_local else 4)
+        writer = FsspecWriter(url, single_file_per_rank=True, sync_files=self.storage.is_local,
+                              thread_count=1 if self.storage.is_local else 4)
+        return start_writeback_early(writer) if self.storage.is_local else writer
 
     def _write_now(self, job: _SaveJob, *, retain: bool = True) -> bool:
         """Collective: write `job` on this thread; True once committed, else per `on_error`."""
