@@ -26,7 +26,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[2] / "examples" / "gpt")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from checkpoint.worker import Timer  # noqa: E402
+from checkpoint.worker import Timer, read_buffer  # noqa: E402
 from harness import write_json  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from torch import nn  # noqa: E402
@@ -123,7 +123,7 @@ def main() -> None:
     plain_root = Path(url) / "plain"
     manager = CheckpointManager(f"{url}/sharded", rt, n_saved=2)
     timer = Timer(rt.distributed, settle=True)
-    buffer = bytearray(mine_bytes)
+    buffer = read_buffer(mine_bytes)
 
     def plain_write(rep: int) -> None:
         with open(plain_root / f"{rep}-rank{rt.rank}.bin", "wb") as f:
