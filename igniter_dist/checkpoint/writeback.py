@@ -30,7 +30,7 @@ def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
     """libc's sync_file_range, or None where there is none."""
     try:
         fn = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no such libc call, or no C library to open
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
     fn.restype = ctypes.c_int
