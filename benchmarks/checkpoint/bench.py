@@ -115,7 +115,7 @@ def summarize(data: dict) -> str:
         row("igniter-dist save (sync)", lambda r, c: _time_and_rate(_med(r["save_s"]), mb))
         row("**save bandwidth / plain** (target >= 0.80)",
             lambda r, c: f"**{_med(r['plain_write_s']) / _med(r['save_s']):.2f}**")
-        row("plain read, same bytes (local: readinto existing buffers; S3: fs.cat)",
+        row("plain read, same bytes (local: readinto torch-allocated buffers; S3: fs.cat)",
             lambda r, c: _time_and_rate(_med(r["plain_read_s"]), mb))
         row("igniter-dist load", lambda r, c: _time_and_rate(_med(r["load_s"]), mb))
         row("**load bandwidth / plain** (target >= 0.80)",

@@ -77,7 +77,7 @@ def summarize(data: dict) -> str:
             ["plain write of each rank's shards, write + fsync", _spread(ck["plain_write_s"])],
             ["sharded save (checkpoint manager, sync)", _spread(ck["save_s"])],
             ["**save bandwidth / plain** (target >= 0.80)", f"**{med['plain_write_s'] / med['save_s']:.2f}**"],
-            ["plain read of each rank's shards (readinto existing buffers)", _spread(ck["plain_read_s"])],
+            ["plain read of each rank's shards (readinto a torch-allocated buffer)", _spread(ck["plain_read_s"])],
             ["sharded load (into the live shards)", _spread(ck["load_s"])],
             ["**load bandwidth / plain** (target >= 0.80)", f"**{med['plain_read_s'] / med['load_s']:.2f}**"],
         ]),
