@@ -15,11 +15,8 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
-import logging
 from collections.abc import Callable, Iterator
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 STRETCH_BYTES = 16 << 20  # how much is written before its writeback starts
 _SYNC_FILE_RANGE_WRITE = 2  # start writeback of the range's dirty pages; do not wait
