@@ -80,6 +80,9 @@ def summarize(data: dict) -> str:
             ["plain read of each rank's shards (readinto a torch-allocated buffer)", _spread(ck["plain_read_s"])],
             ["sharded load (into the live shards)", _spread(ck["load_s"])],
             ["**load bandwidth / plain** (target >= 0.80)", f"**{med['plain_read_s'] / med['load_s']:.2f}**"],
+            ["plain read from the disk (files dropped from the page cache first)", _spread(ck["plain_read_cold_s"])],
+            ["sharded load from the disk", _spread(ck["load_cold_s"])],
+            ["**load from the disk / plain**", f"**{med['plain_read_cold_s'] / med['load_cold_s']:.2f}**"],
         ]),
     ]
     return "\n".join(lines)

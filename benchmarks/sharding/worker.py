@@ -4,7 +4,8 @@ Per rank: bytes of parameters, gradients and Adam state (after a backward, befor
 step, when all three exist); step time in interleaved rounds (ddp and fsdp take turns going
 first); sharded save and load through the checkpoint manager against a plain write and read of
 the same bytes (this rank's shards), timed barrier to barrier as in benchmarks/checkpoint, on a wider
-model than the one trained.
+model than the one trained. Reads are timed twice: from the page cache (the files were just written)
+and from the disk (the files dropped from the cache with posix_fadvise first).
 
     torchrun --nproc-per-node 2 benchmarks/sharding/worker.py --url runs/bench/scratch/sharding --out x.json
 """
@@ -58,6 +59,16 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str,
     return {"params": sum(local(p).nbytes for p in params),
             "grads": sum(local(p.grad).nbytes for p in params if p.grad is not None),
             "optimizer": sum(local(v).nbytes for v in moments)}
+
+
+def evict(paths: list[Path]) -> None:
+    """Drop the files' clean pages from the page cache, so the next read comes from the disk."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def main() -> None:
@@ -152,6 +163,12 @@ def main() -> None:
             timer.time(name, op)
             manager.wait()
         for name, op in reads:
+            timer.time(name, op)
+        # The same reads from the disk, as a resume in a fresh process or on another machine makes.
+        cold: list[tuple[str, Callable[[], object]]] = [
+            ("plain_read_cold_s", partial(plain_read, rep)), ("load_cold_s", partial(manager.load, rep, state))]
+        for name, op in cold[::-1] if rep % 2 else cold:
+            evict([plain_root / f"{rep}-rank{rt.rank}.bin", *Path(manager.url_of(rep)).iterdir()])
             timer.time(name, op)
         if rep == 0:
             timer.results.clear()
