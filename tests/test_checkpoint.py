@@ -8,6 +8,7 @@ import json
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -235,7 +236,7 @@ def test_models_with_one_or_several_optimizers_round_trip(tmp_path):
     def objects(seed: int) -> dict:
         torch.manual_seed(seed)
         gen, disc = nn.Linear(3, 4), nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
-        state = {"gen": gen, "gen_opt": torch.optim.Adam(gen.parameters(), lr=0.01), "disc": disc,
+        state: dict[str, Any] = {"gen": gen, "gen_opt": torch.optim.Adam(gen.parameters(), lr=0.01), "disc": disc,
                  "disc_a": torch.optim.SGD(disc[0].parameters(), lr=0.1, momentum=0.9),
                  "disc_b": torch.optim.Adam(disc[1].parameters(), lr=0.02)}
         disc(gen(torch.randn(5, 3))).sum().backward()

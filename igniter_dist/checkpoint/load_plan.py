@@ -4,7 +4,7 @@ Loading on the world size and strategy that saved, every live shard is a whole s
 default plan computes each DTensor's local chunk (0.05 ms each) and sweeps all stored chunks for
 overlaps; for the 212 tensors of a 306 MB fsdp shard that is 0.02 s of a 0.13 s load. Here a
 chunk is computed once per shape, mesh and placement, and an exact match becomes its read item
-directly. Anything else (resharding, empty shards, sharded tensors, values) goes through DCP's
+directly. Anything else (resharding, empty shards, ShardedTensors, values) goes through DCP's
 own functions, so the plan is always the one DCP would make (tests/test_checkpoint_load_plan.py).
 """
 
@@ -38,7 +38,7 @@ def local_load_plan(state_dict: dict[str, Any], metadata: Metadata, strict: bool
             # Missing keys, size mismatches and values: DCP's own checks and items.
             items += create_default_local_load_plan({fqn: obj}, metadata, strict).items
             continue
-        chunk = _chunk(obj, local, chunks)
+        chunk = _chunk(obj, chunks)
         item = _whole_chunk_read(fqn, md, chunk)
         if item is None:
             items += create_read_items_for_chunk_list(fqn, md, [chunk])
@@ -59,8 +59,8 @@ def _local_tensor(obj: Any) -> torch.Tensor | None:
     return obj if type(obj) is torch.Tensor else None
 
 
-def _chunk(obj: torch.Tensor, local: torch.Tensor, cache: dict[ChunkKey, ChunkStorageMetadata]
-           ) -> ChunkStorageMetadata:
+def _chunk(obj: torch.Tensor, cache: dict[ChunkKey, ChunkStorageMetadata]) -> ChunkStorageMetadata:
+    """This rank's chunk of `obj`: the whole tensor, or a DTensor's shard (cached by layout)."""
     if not isinstance(obj, DTensor):
         return ChunkStorageMetadata(offsets=torch.Size([0] * obj.dim()), sizes=obj.size())
     key = (obj.size(), obj.device_mesh, obj.placements)
