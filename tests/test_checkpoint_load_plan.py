@@ -12,7 +12,12 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import create_default_local_load_plan
-from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    TensorProperties,
+    TensorStorageMetadata,
+)
 
 import launch
 from igniter_dist.checkpoint.load_plan import local_load_plan
@@ -72,3 +77,19 @@ def test_dtensor_plans_equal_dcps_in_every_layout(tmp_path):
     # Other layouts: only the tensors whose local chunk is still a stored chunk read whole.
     for layout in ("other", "plain"):
         assert all(0 < r[layout]["whole"] < r[layout]["items"] for r in reports), layout
+
+
+def test_overlapping_and_empty_stored_chunks_are_left_to_dcp():
+    """Metadata DCP itself does not write, built by hand: a stored chunk equal to the live tensor
+    but overlapped by another (both must be read), and an empty chunk (nothing to read)."""
+    props = TensorProperties(dtype=torch.float32)
+    metadata = Metadata(state_dict_metadata={
+        "overlapped": TensorStorageMetadata(props, torch.Size([6]), [
+            ChunkStorageMetadata(offsets=torch.Size([0]), sizes=torch.Size([6])),
+            ChunkStorageMetadata(offsets=torch.Size([2]), sizes=torch.Size([2]))]),
+        "empty": TensorStorageMetadata(props, torch.Size([0, 3]), [
+            ChunkStorageMetadata(offsets=torch.Size([0, 0]), sizes=torch.Size([0, 3]))]),
+    })
+    template = {"overlapped": torch.zeros(6), "empty": torch.zeros(0, 3)}
+    assert same_plans(template, metadata) == {}
+    assert {i.storage_index.index for i in create_default_local_load_plan(template, metadata).items} == {0, 1}
