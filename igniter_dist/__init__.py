@@ -12,7 +12,7 @@ from .main import igniter_main
 from .metrics import Metric
 from .runtime import Runtime, runtime
 from .schedule import Every
-from .signals import Interrupted
+from .signals import Interrupted, stop_safe_worker_init
 from .spec import RunSpec
 from .steps import SchedulerSpec, StepOptions, supervised_eval_step, supervised_step
 from .training import evaluate, train
@@ -23,5 +23,6 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError", "ConfigError", "Engine", "Every", "IgniterError", "Interrupted", "Metric", "RunSpec",
     "Runtime", "SchedulerSpec", "StepOptions", "StepOutputError", "evaluate", "igniter_main", "parser_for_docs",
-    "prepare", "runtime", "shard_iterable", "supervised_eval_step", "supervised_step", "train", "train_kwargs",
+    "prepare", "runtime", "shard_iterable", "stop_safe_worker_init", "supervised_eval_step", "supervised_step",
+    "train", "train_kwargs",
 ]

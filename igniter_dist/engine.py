@@ -27,7 +27,7 @@ from .parallel.lockstep import lockstep
 from .resume import Checkpoints, RankState, RunState
 from .runtime import Runtime
 from .schedule import Schedule
-from .signals import Interrupted, StopFlag
+from .signals import Interrupted, StopFlag, start_iterator, stop_workers
 from .spec import RunSpec
 from .steps import GradientStepper, SchedulerSpec, StepOptions
 from .streams import Stream
@@ -92,6 +92,8 @@ class Engine:
         self._resume_position: int | None = None
         self._empty_warned: set[str] = set()  # evaluators already reported as having no samples
         self._cut_by_steps = False  # whether this epoch's batches end at --max-steps, before the epoch's end
+        self._save_owed = False  # a save came due inside an accumulation window: it happens at the window's end
+        self._batches: Any = None  # this epoch's loader iterator: its worker processes, shut down after a stop
 
     # ---------------------------------------------------------------- the loop
 
@@ -112,6 +114,7 @@ class Engine:
         stop, poll = self.stop, self.stop.poll if self.stop.distributed else None
         if self.stream is not None and not self._finished():
             self.stream.resume(self.state.step, self.state.iteration)  # collective once, when resumed
+        stopping = 0  # an agreed stop signal, held until the accumulation window closes
         while not self.schedule.done(self.state.epoch, self.state.optimizer_step):
             start, fresh = self.state.step, self.state.iteration == 0
             due = self._next_due()
@@ -131,11 +134,12 @@ class Engine:
                     update = metrics.per_step()  # the outputs are checked now: maybe one frame fewer
                 save_due = timed_saves and self._time_to_save()
                 if poll is None:
-                    signum = stop.requested
+                    stopping = stopping or stop.requested
                 else:
                     signum, save_due = poll(save_due)  # collective, overlapped
-                if signum:
-                    self._emergency_save(signum)
+                    stopping = stopping or signum
+                if stopping and self.stepper.boundary:  # saves resume the same computation only between windows
+                    self._emergency_save(stopping)
                 if save_due or self.state.step >= due:
                     self._after_step(save_due)
                     due = self._next_due()
@@ -167,14 +171,16 @@ class Engine:
             return  # the last step of --max-steps: the run's end evaluates and saves it, once
         if sched.eval_every.due(s.step, s.epoch, epoch_ended=False):
             self.evaluate()
-        if save_due or sched.save_every.due(s.step, s.epoch, epoch_ended=False):
+        # A save due inside an accumulation window waits for its last micro-batch (at most k - 1 more).
+        self._save_owed = self._save_owed or save_due or sched.save_every.due(s.step, s.epoch, epoch_ended=False)
+        if self._save_owed and self.stepper.boundary:
             self._save()
 
     def _next_due(self) -> int:
         """The next step after which `_after_step` has work (a log, a step-scheduled evaluation or save), or the
         next step when it has work every step (step schedulers, --debug)."""
         step, sched = self.state.step, self.schedule
-        if self.schedulers or self.debug is not None:
+        if self.schedulers or self.debug is not None or self._save_owed:
             return step + 1
         scheduled = (sched.eval_every, sched.save_every)
         periods = [sched.log_every] + [e.n for e in scheduled if e.unit == "steps" and e.n > 0]
@@ -226,7 +232,8 @@ class Engine:
                 sampler.set_epoch(s.epoch)
             skip = s.iteration  # cannot seek: read and drop what was trained on
         seed_workers(loop.loader, self.seed, s.epoch, self.runtime.rank)
-        return islice(iter(loop.loader), skip, None), remaining
+        self._batches = start_iterator(loop.loader)
+        return islice(self._batches, skip, None), remaining
 
     def _batches_to_max_steps(self) -> int | None:
         """Batches until the last optimizer step of --max-steps (accumulation windows start with the epoch)."""
@@ -312,7 +319,7 @@ class Engine:
     def _eval_batches(self, loop: Loop) -> Iterator[tuple[Any, bool]]:
         """The evaluator's batches, each with whether its outputs count. A sharded model's forward is a
         collective, so then the ranks run in lockstep: a rank whose shard ran out replays a batch, uncounted."""
-        batches = islice(loop.loader, loop.max_batches)
+        batches = islice(start_iterator(loop.loader), loop.max_batches)
         if not (self.sharded_modules and self.runtime.distributed):
             return ((batch, True) for batch in batches)
         return lockstep(batches, eval_length(loop.loader, loop.max_batches), self.runtime)
@@ -394,7 +401,7 @@ class Engine:
 
     def _save(self) -> None:
         """Collective: every rank saves the same step (no-op without a checkpoint dir)."""
-        self._last_save = time.monotonic()
+        self._last_save, self._save_owed = time.monotonic(), False
         if self.checkpoints is None:
             return
         sync_buffers(self.modules, self.runtime)  # the checkpoint holds rank 0's copy, whichever rank writes it
@@ -422,7 +429,14 @@ class Engine:
                       f"{time.perf_counter() - start:.2f} s after {signal.Signals(signum).name}",
                       file=sys.stderr, flush=True)
         self.sinks.flush()
+        self._stop_workers()  # they ignore the signal, so that they outlive the save
         raise Interrupted(signum)
+
+    def _stop_workers(self) -> None:
+        if self.stream is not None:
+            self.stream.stop_workers()
+        else:
+            stop_workers(self._batches)
 
     def _progress(self) -> Progress:
         s = self.state

@@ -7,16 +7,22 @@ steps check more often so a signal is honoured within about CHECK_SECONDS, far i
 30 s and SageMaker's 120 s. Rank 0 proposes the next interval from its step time inside the same
 all-reduce, so every rank switches at the same step; until its first proposal arrives every step
 checks, so a slow model is not exposed for `check_every` steps at the start. All ranks then stop
-after the same step, save it, and exit with 128 + signal number.
+after the same step (an accumulation window's last), save it, and exit with 128 + signal number.
+
+Launchers signal whole process groups (torchrun, a terminal's Ctrl-C) or every process of a job
+(Slurm, container stops), so DataLoader worker processes get the signal too: they start with the
+stop signals ignored (`stop_safe_worker_init`), and their rank shuts them down after its save.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
@@ -26,6 +32,7 @@ import torch.distributed as dist
 HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 CHECK_EVERY = 10  # most steps between agreements; a signal is honoured within two intervals
 CHECK_SECONDS = 0.25  # aim: an agreement at least this often when steps are slow
+ABORT_AFTER_SECONDS = 1.0  # a second SIGINT this long after the first aborts; sooner, it is the same stop
 
 
 class Interrupted(Exception):
@@ -50,6 +57,7 @@ class StopFlag:
         self.group = group  # a gloo group when the default one is nccl: the flag stays on the host
         self.check_every = check_every
         self.requested = 0  # signal number, 0 when none
+        self._requested_at = 0.0
         self._previous: dict[int, Any] = {}
         self._pending: tuple[Any, torch.Tensor] | None = None
         self._calls = 0
@@ -72,11 +80,16 @@ class StopFlag:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested:  # a second signal: abort at once
+        if self.requested:
+            # A person's second Ctrl-C aborts. The same stop often arrives twice (scancel or a container stop
+            # signals every process, and torchrun forwards its own copy), and launchers follow SIGTERM with
+            # SIGKILL, not a second SIGTERM: those are not asked to abort.
+            if signum != signal.SIGINT or time.monotonic() - self._requested_at < ABORT_AFTER_SECONDS:
+                return
             sys.stderr.write(f"igniter-dist: second {signal.Signals(signum).name}, aborting without saving\n")
             sys.stderr.flush()
             os._exit(128 + signum)
-        self.requested = signum
+        self.requested, self._requested_at = signum, time.monotonic()
         sys.stderr.write(
             f"igniter-dist: {signal.Signals(signum).name} received; saving at the next step boundary "
             "(send it again to abort at once)\n"
@@ -127,3 +140,68 @@ class StopFlag:
         work.wait()
         signum, save_due, interval = value.tolist()  # a finished host-side op: no device sync
         return int(signum), bool(save_due), int(interval)
+
+
+# ---------------------------------------------------------------- loader worker processes
+
+
+class stop_safe_worker_init:  # noqa: N801  (a function to its users; a class so that spawn can pickle it)
+    """A DataLoader `worker_init_fn` that ignores SIGINT, SIGTERM and SIGHUP, then calls `worker_init_fn`.
+
+    Launchers deliver a stop to the rank's whole process group or to every process of the job; a worker
+    that died of it would crash its rank before the save. igniter-dist sets this on every DataLoader it
+    trains or evaluates with; pass it yourself to loaders that reach the engine some other way:
+    `DataLoader(..., worker_init_fn=ig.stop_safe_worker_init(my_init))`.
+    """
+
+    def __init__(self, worker_init_fn: Callable[[int], Any] | None = None):
+        self.worker_init_fn = worker_init_fn
+
+    def __call__(self, worker_id: int) -> None:
+        ignore_stop_signals()
+        if self.worker_init_fn is not None:
+            self.worker_init_fn(worker_id)
+
+
+def ignore_stop_signals() -> None:
+    """In a helper process of a rank: leave stopping to the rank (which saves, then shuts it down)."""
+    for sig in HANDLED:
+        signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # held back while the rank started this process: now discarded
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+
+
+def protect_workers(loader: Any) -> None:
+    """Make a DataLoader's future worker processes ignore the stop signals (in place; idempotent)."""
+    init = getattr(loader, "worker_init_fn", None)
+    if getattr(loader, "num_workers", 0) and not isinstance(init, stop_safe_worker_init):
+        loader.worker_init_fn = stop_safe_worker_init(init)  # DataLoader allows this attribute after creation
+
+
+def start_iterator(loader: Any) -> Iterator[Any]:
+    """`iter(loader)`, with the stop signals held back in this thread while it starts worker processes.
+
+    A forked worker inherits the held mask, so a signal sent to the group between its start and its
+    `worker_init_fn` cannot kill it; this rank takes any signal that came meanwhile once they started.
+    """
+    if not getattr(loader, "num_workers", 0) or not hasattr(signal, "pthread_sigmask"):
+        return iter(loader)
+    if threading.current_thread() is not threading.main_thread():
+        return iter(loader)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def stop_workers(iterator: Any) -> None:
+    """Shut down a DataLoader iterator's worker processes now, as its finalizer would.
+
+    They ignore the stop signals, so after a stop's save the rank ends them itself, before it exits;
+    `_shutdown_workers` is the step torch's own `__del__` takes (there is no public close).
+    """
+    with contextlib.suppress(Exception):
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if callable(shutdown):
+            shutdown()

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from .data import seed_workers, stream_position
 from .runtime import Runtime
+from .signals import start_iterator, stop_workers
 
 _NOTHING = object()  # no batch read ahead
 _END = object()  # the iterator ended
@@ -130,10 +131,14 @@ class Stream:
             self.passes += 1
         if isinstance(self.loader, DataLoader):
             seed_workers(self.loader, self.seed, self.passes, self.rank)
-        self._it = iter(self.loader)
+        self._it = start_iterator(self.loader)
         if self._skip:  # no position kept: read and drop what this rank trained on in this pass
             deque(islice(self._it, self._skip), maxlen=0)
             self.consumed, self._skip = self._skip, 0
+
+    def stop_workers(self) -> None:
+        """Shut down the loader's worker processes (after a stop's save: they ignore the signal)."""
+        stop_workers(self._it)
 
     # ---------------------------------------------------------------- resume
 

@@ -28,7 +28,7 @@ from .resume import Checkpoints, Resumed, RunCheckpoints, changed_flags, init_fr
 from .rng import seed_everything
 from .runtime import Runtime, runtime
 from .schedule import Every, Schedule, parse_every
-from .signals import Interrupted, StopFlag
+from .signals import Interrupted, StopFlag, protect_workers
 from .spec import RunSpec
 from .steps import StepOptions
 from .tracking.base import RunInfo, RunStatus, Sink
@@ -337,12 +337,14 @@ def _named(eval_spec: RunSpec | Mapping[str, RunSpec] | None) -> dict[str, RunSp
 
 def _train_loop(spec: RunSpec, rt: Runtime, seed: int) -> Loop:
     loader = shard_train_loader(spec.loader, rt.rank, rt.world_size, seed) if _is_loader(spec.loader) else spec.loader
+    protect_workers(loader)
     return Loop("train", spec, loader, MetricSet(spec.metrics, rt.device, rt.distributed),
                 check_epoch_length(loader, spec.epoch_length, "training"))
 
 
 def _eval_loop(name: str, spec: RunSpec, rt: Runtime) -> Loop:
     loader = shard_eval_loader(spec.loader, rt.rank, rt.world_size) if _is_loader(spec.loader) else spec.loader
+    protect_workers(loader)
     return Loop(name, spec, loader, MetricSet(spec.metrics, rt.device, rt.distributed), None)
 
 
