@@ -1,6 +1,5 @@
 """Never lose work: interrupted runs resume to a bitwise-identical end, with every sample read once."""
 
-import json
 import os
 import random
 import re
@@ -10,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import committed_steps, final_reports
 
 from launch import ROOT, check, child_env, python, torchrun, torchrun_cmd
 
@@ -19,24 +19,6 @@ PROBE = ROOT / "tests" / "workers" / "resume_probe.py"
 def probe_args(tmp: Path, name: str, *extra: str) -> list[str]:
     return ["--report-dir", str(tmp / name), "--checkpoint-dir", str(tmp / "ckpt"), "--output-dir",
             str(tmp / "out"), *extra]
-
-
-def final_reports(folder: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("rank*.json"))]
-
-
-def committed_steps(ckpt: Path) -> list[int]:
-    return sorted(int(p.name.split("_")[1]) for p in ckpt.glob("step_*") if (p / "manifest.json").exists())
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The uninterrupted 2-rank run every interrupted run must match bitwise."""
-    tmp = tmp_path_factory.mktemp("reference")
-    check(torchrun(PROBE, probe_args(tmp, "r")))
-    reports = final_reports(tmp / "r")
-    assert len(reports) == 2 and reports[0]["digest"] == reports[1]["digest"]
-    return reports[0]["digest"]
 
 
 # 48 samples, batch 4 per rank, 2 ranks: 6 steps per epoch, 3 epochs, evaluation after each epoch.

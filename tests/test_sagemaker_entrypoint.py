@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import sagemaker_layout as layout
 
 from igniter_dist import sagemaker  # the answers a script reads
 from igniter_dist.errors import ConfigError
@@ -21,27 +22,6 @@ from launch import PYTHON, ROOT, child_env, free_port, run
 
 PROBE = ROOT / "tests" / "workers" / "sagemaker_probe.py"
 HOSTS = ["algo-2", "algo-1"]  # unsorted on purpose: SageMaker's order is not promised
-
-
-def layout(base: Path, host: str, hosts: list[str], hyperparameters: dict[str, str] | None = None,
-           channels: dict[str, dict[str, bytes]] | None = None) -> Path:
-    """Lay out `base` as /opt/ml looks on `host`: config files, and channel folders with their files."""
-    config = base / "input" / "config"
-    config.mkdir(parents=True, exist_ok=True)
-    (config / "resourceconfig.json").write_text(json.dumps(
-        {"current_host": host, "hosts": hosts, "network_interface_name": "eth0"}))
-    (config / "hyperparameters.json").write_text(json.dumps(hyperparameters or {}))
-    channels = channels or {}
-    (config / "inputdataconfig.json").write_text(json.dumps(
-        {name: {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated"} for name in channels}))
-    for name, files in channels.items():
-        folder = base / "input" / "data" / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for fname, content in files.items():
-            (folder / fname).write_bytes(content)
-    for sub in ("model", "output/data", "checkpoints"):
-        (base / sub).mkdir(parents=True, exist_ok=True)
-    return base
 
 
 @pytest.fixture

@@ -110,24 +110,6 @@ def test_a_stream_without_position_is_re_read_with_one_warning_and_still_resumes
         assert resumed[rank]["seen"] == reference[rank]["seen"][saved * BATCH:]
 
 
-@pytest.fixture(scope="module")
-def with_workers(tmp_path_factory):
-    """The uninterrupted run of the same stream through torchdata's StatefulDataLoader with 2 workers."""
-    tmp = tmp_path_factory.mktemp("workers")
-    check(torchrun(PROBE, probe_args(tmp, "r", *ENDLESS, "--loader", "stateful", "--workers", "2")))
-    return reports(tmp / "r")
-
-
-def test_stateful_dataloader_with_two_workers_resumes_bitwise_without_re_reading(tmp_path, with_workers):
-    saved, resumed, _ = interrupt_and_resume(tmp_path, *ENDLESS, "--loader", "stateful", "--workers", "2")
-    for rank in range(2):
-        assert resumed[rank]["digest"] == with_workers[rank]["digest"], f"saved at step {saved}"
-        trained_before = with_workers[rank]["seen"][:saved * BATCH]
-        assert resumed[rank]["seen"] == with_workers[rank]["seen"][saved * BATCH:]
-        # The workers prefetch past the last step, but never read again what was trained on before the save.
-        assert not set(reads(tmp_path / "second", rank)) & set(trained_before)
-
-
 def test_per_rank_stream_state_refuses_another_world_size_and_harms_no_checkpoint(tmp_path, endless):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(endless / "ckpt", ckpt)

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import signal
+import time
 from typing import Any, cast
 
 import torch
@@ -62,6 +63,16 @@ def state_digests(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[s
     return ig.runtime().broadcast_object(digests)
 
 
+def wait_for_stop(engine, report_dir: str, rank: int, timeout_s: float = 120.0) -> None:
+    """Hold this step until a stop signal reached this rank: the marker waiting_rank<R> tells the test that
+    every rank is mid-epoch, its loader workers running, so it can stop the job the way a launcher does."""
+    with open(os.path.join(report_dir, f"waiting_rank{rank}"), "w") as f:
+        f.write(str(os.getpid()))
+    deadline = time.monotonic() + timeout_s
+    while not engine.stop.requested and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def main(args):
     rt = ig.runtime()
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
@@ -106,6 +117,8 @@ def main(args):
             loss.backward()
             optimizer.step()
         maybe_interrupt(engine.state.step + 1, "train")
+        if engine.state.step + 1 == args.wait_for_stop_at and first_attempt:
+            wait_for_stop(engine, args.report_dir, rt.rank)
         return {"loss": loss}
 
     def eval_step(engine, batch):
@@ -140,6 +153,8 @@ def flags(parser):
     parser.add_argument("--interrupt-rank", type=int, default=0)
     parser.add_argument("--count-reads", type=parse_bool, default=False)
     parser.add_argument("--engine-helpers", type=parse_bool, default=False)
+    parser.add_argument("--wait-for-stop-at", type=int, default=-1,
+                        help="global step (1-based) after which each rank waits for a stop signal from outside")
     # Agree on stop signals every step, so tests can aim interruptions at exact steps.
     parser.set_defaults(workers=0, batch_size=4, max_epochs=3, learning_rate=0.01, log_every=5, stop_check_every=1)
 

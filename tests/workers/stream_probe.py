@@ -16,7 +16,7 @@ from itertools import count, islice
 import torch
 import torch.nn as nn
 import torchmetrics
-from resume_probe import state_digests  # a sibling script: this folder is on sys.path
+from resume_probe import state_digests, wait_for_stop  # a sibling script: this folder is on sys.path
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 import igniter_dist as ig
@@ -116,6 +116,8 @@ def main(args):
         optimizer.step()
         if engine.state.step + 1 == args.interrupt_at and rt.rank == 0:
             os.kill(os.getpid(), signal.SIGTERM)
+        if engine.state.step + 1 == args.wait_for_stop_at and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            wait_for_stop(engine, args.report_dir, rt.rank)
         return {"loss": loss, "one": torch.ones(len(idx))}
 
     def eval_step(engine, batch):
@@ -149,6 +151,8 @@ def flags(parser):
     parser.add_argument("--eval-samples", type=int, default=0)
     parser.add_argument("--interrupt-at", type=int, default=-1, help="global step (1-based) to interrupt after")
     parser.add_argument("--count-reads", type=parse_bool, default=False)
+    parser.add_argument("--wait-for-stop-at", type=int, default=-1,
+                        help="global step (1-based) after which each rank waits for a stop signal from outside")
     # Agree on stop signals every step, so tests can aim interruptions at exact steps.
     parser.set_defaults(workers=0, batch_size=4, learning_rate=0.01, log_every=1000, stop_check_every=1)
 
