@@ -3,6 +3,7 @@
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -134,3 +135,15 @@ def test_default_agreement_interval_still_stops_mid_epoch_and_resumes_bitwise(tm
     check(torchrun(PROBE, probe_args(tmp_path, "second", *args)))
     ref = {r["digest"] for r in final_reports(tmp_path / "ref")}
     assert {r["digest"] for r in final_reports(tmp_path / "second")} == ref and len(ref) == 1
+
+
+FIXTURES = ROOT / "tests" / "fixtures" / "checkpoints"
+
+
+def test_a_checkpoint_written_before_the_engine_refactor_resumes_bitwise(tmp_path, reference):
+    """tests/fixtures/checkpoints/v0-map: the resume probe's step 9 (mid-epoch 2, 2 ranks), as main wrote it on
+    2026-12-08 (commit d18f214): it must keep loading, and resume to the uninterrupted run's end."""
+    shutil.copytree(FIXTURES / "v0-map", tmp_path / "ckpt")
+    second = check(torchrun(PROBE, probe_args(tmp_path, "second")))
+    assert f"resumed from {tmp_path / 'ckpt'}/step_0000000009 (step 9, epoch 2, iteration 3)" in second.stderr
+    assert {r["digest"] for r in final_reports(tmp_path / "second")} == {reference}

@@ -254,3 +254,15 @@ def test_tensor_positions_round_trip_exactly():
     assert isinstance(encode(state), torch.Tensor)
     back = decode(encode(state))
     assert back["snapshot"] == state["snapshot"] and back["done"] is None and torch.equal(back["seed"], seed)
+
+
+def test_a_stream_checkpoint_written_before_the_engine_refactor_resumes_bitwise(tmp_path, endless):
+    """tests/fixtures/checkpoints/v0-stream: the stream probe's step 7 of 12 (2 ranks, each rank's position in
+    its per-rank state), as main wrote it on 2026-12-08 (commit d18f214)."""
+    shutil.copytree(ROOT / "tests" / "fixtures" / "checkpoints" / "v0-stream", tmp_path / "ckpt")
+    second = check(torchrun(PROBE, probe_args(tmp_path, "second", *ENDLESS)))
+    assert f"resumed from {tmp_path / 'ckpt'}/step_0000000007" in second.stderr
+    reference = reports(endless / "r")
+    for rank, report in enumerate(reports(tmp_path / "second")):
+        assert report["digest"] == reference[rank]["digest"]
+        assert report["seen"] == reference[rank]["seen"][7 * BATCH:]
